@@ -1,0 +1,132 @@
+"""HTTP API: how many messages of each status arrived between start and end.
+
+    python api.py                      # serves on API_HOST:API_PORT with waitress
+    curl 'localhost:5000/status-count?start=2026-11-27T00:00:00Z&end=2026-11-28T00:00:00Z'
+"""
+
+import logging
+from datetime import timedelta
+
+import pymongo
+from flask import Flask, jsonify, request
+from pymongo.errors import PyMongoError
+from werkzeug.exceptions import HTTPException
+
+import config
+from messages import STATUSES, parse_time
+
+MAX_PARAMETER_LENGTH = 64
+
+
+class BadRequest(ValueError):
+    """A request parameter that cannot be answered; the text names it."""
+
+
+def create_app(test_config=None):
+    app = Flask(__name__)
+    app.json.sort_keys = False
+    app.config.from_mapping(MONGO_URI=config.MONGO_URI, MONGO_DB=config.MONGO_DB,
+                            MONGO_COLLECTION=config.MONGO_COLLECTION)
+    if test_config:
+        app.config.from_mapping(test_config)
+    # One client per process; a short selection timeout turns an outage into a quick 503.
+    mongo = pymongo.MongoClient(app.config["MONGO_URI"], tz_aware=True, serverSelectionTimeoutMS=2000)
+    database = mongo[app.config["MONGO_DB"]]
+    collection = database[app.config["MONGO_COLLECTION"]]
+    app.extensions["mongo"] = mongo
+
+    @app.get("/status-count")
+    def status_count():
+        start = _time_parameter("start")
+        end = _time_parameter("end")
+        if start > end:
+            raise BadRequest(f"start ({_format(start)}) is after end ({_format(end)})")
+        counts = count_statuses(collection, start, end)
+        return jsonify(start=_format(start), end=_format(end),
+                       counts={str(status): counts[status] for status in STATUSES},
+                       total=sum(counts.values()))
+
+    @app.get("/health")
+    def health():
+        try:
+            database.command("ping")
+        except PyMongoError as error:
+            return jsonify(status="unavailable", error=f"MongoDB does not answer: {error.__class__.__name__}"), 503
+        return jsonify(status="ok")
+
+    @app.errorhandler(BadRequest)
+    def bad_request(error):
+        return jsonify(error=str(error)), 400
+
+    @app.errorhandler(PyMongoError)
+    def database_unavailable(error):
+        app.logger.warning("MongoDB error: %s", error)
+        return jsonify(error="the database is unavailable; try again"), 503
+
+    @app.errorhandler(HTTPException)
+    def http_error(error):
+        return jsonify(error=error.description), error.code
+
+    @app.errorhandler(Exception)
+    def unexpected_error(error):
+        app.logger.exception("unexpected error")
+        return jsonify(error="internal error"), 500
+
+    return app
+
+
+def count_statuses(collection, start, end):
+    """{status: count} of documents with start <= timestamp < end."""
+    pipeline = [
+        {"$match": {"timestamp": {"$gte": start, "$lt": end}}},
+        {"$group": {"_id": "$status", "count": {"$sum": 1}}},
+    ]
+    counts = dict.fromkeys(STATUSES, 0)
+    for row in collection.aggregate(pipeline):
+        counts[row["_id"]] = row["count"]
+    return counts
+
+
+def _time_parameter(name):
+    values = request.args.getlist(name)
+    if not values:
+        raise BadRequest(f"parameter '{name}' is required (ISO 8601, e.g. 2026-11-27T10:00:00Z)")
+    if len(values) > 1:
+        raise BadRequest(f"parameter '{name}' is given {len(values)} times; give it once")
+    text = values[0]
+    if len(text) > MAX_PARAMETER_LENGTH:
+        raise BadRequest(f"parameter '{name}' is longer than {MAX_PARAMETER_LENGTH} characters")
+    try:
+        moment = parse_time(text)
+    except (ValueError, OverflowError):
+        raise BadRequest(f"parameter '{name}' is not an ISO 8601 date and time in years 1..9999: {text!r}") from None
+    # Stored timestamps have millisecond precision: round up so that
+    # "timestamp >= start" and "timestamp < end" keep their meaning.
+    return _ceil_to_millisecond(moment, name)
+
+
+def _ceil_to_millisecond(moment, name):
+    extra = moment.microsecond % 1000
+    if not extra:
+        return moment
+    try:
+        return moment + timedelta(microseconds=1000 - extra)
+    except OverflowError:
+        raise BadRequest(f"parameter '{name}' is out of range") from None
+
+
+def _format(moment):
+    precision = "milliseconds" if moment.microsecond else "seconds"
+    return moment.replace(tzinfo=None).isoformat(timespec=precision) + "Z"
+
+
+def main():
+    from waitress import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("api").info("serving on http://%s:%d", config.API_HOST, config.API_PORT)
+    serve(create_app(), host=config.API_HOST, port=config.API_PORT)
+
+
+if __name__ == "__main__":
+    main()

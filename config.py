@@ -1,0 +1,54 @@
+"""Settings shared by client.py, server.py and api.py.
+
+Every setting comes from the environment variable of the same name; the
+defaults reach the services of both `docker compose up` and
+`scripts/services up` on localhost. A bad value stops the program at import
+time with one line naming the variable, before any connection is tried.
+"""
+
+import os
+import sys
+from urllib.parse import urlsplit
+
+
+def _fail(name, value, expected):
+    sys.exit(f"config error: {name}={value!r} is not {expected}")
+
+
+def _url(name, default, schemes):
+    value = os.environ.get(name, default)
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not parts.hostname:
+        _fail(name, value, f"a URL of the form {schemes[0]}://host[:port]/...")
+    try:
+        parts.port
+    except ValueError:
+        _fail(name, value, "a URL with a numeric port")
+    return value
+
+
+def _port(name, default):
+    value = os.environ.get(name, str(default))
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        _fail(name, value, "a port number between 1 and 65535")
+    return int(value)
+
+
+def _name(name, default):
+    value = os.environ.get(name, default)
+    if not value or len(value) > 120 or not value.isprintable() or " " in value:
+        _fail(name, value, "a non-empty name without spaces")
+    return value
+
+
+RABBITMQ_URL = _url("RABBITMQ_URL", "amqp://guest:guest@localhost:5672/%2F", ("amqp", "amqps"))
+MONGO_URI = _url("MONGO_URI", "mongodb://localhost:27017/", ("mongodb", "mongodb+srv"))
+MONGO_DB = _name("MONGO_DB", "iot")
+MONGO_COLLECTION = _name("MONGO_COLLECTION", "status")
+EXCHANGE = _name("EXCHANGE", "status_exchange")
+ROUTING_KEY = _name("ROUTING_KEY", "status_topic")
+QUEUE = _name("QUEUE", "status_queue")
+API_HOST = _name("API_HOST", "127.0.0.1")
+API_PORT = _port("API_PORT", 5000)
+MQTT_HOST = _name("MQTT_HOST", "localhost")
+MQTT_PORT = _port("MQTT_PORT", 1883)

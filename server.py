@@ -1,0 +1,290 @@
+"""Consume status messages from RabbitMQ and store each one in MongoDB, once.
+
+    python server.py
+
+The queue is durable and named, so nothing published while the server is down
+is lost, and several servers share its work. Messages are written in batches by
+a writer thread and acknowledged (one `multiple` ack per batch) only after the
+write, so a crash anywhere means redelivery, never loss; a redelivered message
+is stored once because its message_id is the document's _id. An invalid message
+goes to the dead-letter queue with its reason and is never retried.
+"""
+
+import argparse
+import logging
+import queue
+import random
+import signal
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+
+import pika
+import pymongo
+from pika.exceptions import AMQPConnectionError, ChannelClosedByBroker, ConnectionClosedByBroker, ProbableAuthenticationError
+from pymongo.errors import BulkWriteError, PyMongoError
+
+import config
+from messages import InvalidMessage, to_document
+
+LOG = logging.getLogger("server")
+
+DEVICE_ROUTING_KEY = "devices.*.status"  # MQTT topic devices/<id>/status
+DEAD_LETTER_EXCHANGE = f"{config.QUEUE}.dlx"
+DEAD_LETTER_QUEUE = f"{config.QUEUE}.dead"
+REASON_HEADER = "x-rejected-reason"
+# A message that kills the server before it is acknowledged comes back with a growing
+# delivery count; after this many deliveries the broker dead-letters it.
+DELIVERY_LIMIT = 20
+BATCH_SIZE = 500
+FLUSH_SECONDS = 0.05
+PREFETCH = 4 * BATCH_SIZE
+DUPLICATE_KEY = 11000
+SHUTDOWN_SECONDS = 10
+
+
+class StatusServer:
+    def __init__(self, collection, amqp_url=config.RABBITMQ_URL, fault_hook=None):
+        self._collection = collection
+        self._parameters = pika.URLParameters(amqp_url)
+        self._parameters.heartbeat = 30
+        self._parameters.blocked_connection_timeout = 60
+        self._fault_hook = fault_hook or (lambda point: None)
+        self._stopping = False
+        self._connection = None
+        self._channel = None
+        self._batch = []  # [(method, properties, body, document)] not yet handed to the writer
+        self._batch_started = 0.0
+        # Delivery tags belong to one connection: a batch written after its connection was
+        # lost must not be acknowledged on the next one.
+        self._generation = 0
+        self._to_write = queue.Queue(maxsize=1)
+        self._written = queue.Queue()
+        self._writing = 0  # batches of this generation handed to the writer, not yet acknowledged
+        self._stored = 0
+        self._dead = 0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def run(self):
+        """Consume until stop(); reconnect to RabbitMQ whenever it goes away."""
+        self._create_indexes()
+        writer = threading.Thread(target=self._write_batches, name="writer", daemon=True)
+        writer.start()
+        delay = 1.0
+        while not self._stopping:
+            started = time.monotonic()
+            try:
+                self._connect()
+                self._consume()
+            except (ConnectionClosedByBroker, AMQPConnectionError, ConnectionError) as error:
+                if self._stopping:
+                    break
+                LOG.warning("RabbitMQ connection lost (%s); reconnecting in %.1fs", error or type(error).__name__, delay)
+            except ChannelClosedByBroker as error:
+                if error.reply_code in (403, 404, 406):
+                    LOG.error("RabbitMQ refused the topology: %s", error)
+                    raise SystemExit(1) from None
+                LOG.warning("RabbitMQ closed the channel (%s); reconnecting in %.1fs", error, delay)
+            finally:
+                self._forget_unacknowledged()
+            if time.monotonic() - started > 30:
+                delay = 1.0  # a healthy run resets the backoff
+            self._sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, 30.0)
+        self._to_write.put(None)
+        writer.join(timeout=SHUTDOWN_SECONDS)
+        LOG.info("stopped: %d stored, %d dead-lettered", self._stored, self._dead)
+
+    def stop(self, *_):
+        if not self._stopping:
+            LOG.info("stopping: finishing the messages in hand")
+        self._stopping = True
+
+    def _sleep(self, seconds):
+        deadline = time.monotonic() + seconds
+        while not self._stopping and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def _connect(self):
+        try:
+            self._connection = pika.BlockingConnection(self._parameters)
+        except ProbableAuthenticationError as error:
+            LOG.error("RabbitMQ refused the credentials in RABBITMQ_URL: %s", error)
+            raise SystemExit(1) from None
+        self._channel = self._connection.channel()
+        self._declare_topology(self._channel)
+        self._channel.confirm_delivery()  # dead-letter publishes are confirmed before the ack
+        self._channel.basic_qos(prefetch_count=PREFETCH)
+        LOG.info("connected to RabbitMQ, consuming %s", config.QUEUE)
+
+    @staticmethod
+    def _declare_topology(channel):
+        channel.exchange_declare(config.EXCHANGE, exchange_type="topic", durable=True)
+        channel.exchange_declare(DEAD_LETTER_EXCHANGE, exchange_type="fanout", durable=True)
+        channel.queue_declare(DEAD_LETTER_QUEUE, durable=True)
+        channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
+        channel.queue_declare(config.QUEUE, durable=True, arguments={
+            "x-queue-type": "quorum",
+            "x-delivery-limit": DELIVERY_LIMIT,
+            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        })
+        channel.queue_bind(config.QUEUE, config.EXCHANGE, routing_key=config.ROUTING_KEY)
+        channel.queue_bind(config.QUEUE, config.EXCHANGE, routing_key=DEVICE_ROUTING_KEY)
+
+    def _create_indexes(self):
+        delay = 1.0
+        while not self._stopping:
+            try:
+                self._collection.create_index("timestamp")
+                return
+            except PyMongoError as error:
+                LOG.warning("MongoDB unavailable (%s); retrying in %.1fs", error, delay)
+                self._sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    # -- consuming (main thread: the only one that touches pika) ---------------
+
+    def _consume(self):
+        tag = self._channel.basic_consume(config.QUEUE, self._on_message)
+        cancelled = False
+        shutdown_deadline = None
+        while True:
+            self._connection.process_data_events(time_limit=0.01 if self._writing or self._batch else 0.25)
+            self._acknowledge_written()
+            if self._stopping and not cancelled:
+                self._channel.basic_cancel(tag)
+                cancelled = True
+                shutdown_deadline = time.monotonic() + SHUTDOWN_SECONDS
+            if self._batch and (cancelled or len(self._batch) >= BATCH_SIZE
+                                or time.monotonic() - self._batch_started >= FLUSH_SECONDS):
+                self._hand_to_writer()
+            if cancelled and not self._batch and not self._writing:
+                self._connection.close()
+                return
+            if cancelled and time.monotonic() > shutdown_deadline:
+                LOG.warning("MongoDB did not take the last messages in time; they stay in the queue")
+                self._connection.close()
+                return
+
+    def _on_message(self, channel, method, properties, body):
+        topic_device_id = None
+        parts = method.routing_key.split(".")
+        if len(parts) == 3 and parts[0] == "devices" and parts[2] == "status":
+            topic_device_id = parts[1]
+        try:
+            document = to_document(body, message_id=properties.message_id, amqp_timestamp=properties.timestamp,
+                                   topic_device_id=topic_device_id)
+        except InvalidMessage as error:
+            self._dead_letter(method, properties, body, str(error))
+            return
+        except Exception as error:  # a bug must not stop the pipeline: keep the message, with the reason
+            LOG.exception("unexpected error on a message")
+            self._dead_letter(method, properties, body, f"server error: {error!r}"[:200])
+            return
+        if not self._batch:
+            self._batch_started = time.monotonic()
+        self._batch.append((method, properties, body, document))
+
+    def _dead_letter(self, method, properties, body, reason):
+        LOG.warning("rejected message %s from %r: %s", properties.message_id or "-", method.routing_key, reason)
+        headers = dict(properties.headers or {})
+        headers[REASON_HEADER] = reason
+        headers["x-original-routing-key"] = method.routing_key
+        properties.headers = headers
+        self._channel.basic_publish(DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, body, properties)
+        self._channel.basic_ack(method.delivery_tag)
+        self._dead += 1
+
+    def _hand_to_writer(self):
+        try:
+            self._to_write.put_nowait((self._generation, self._batch))
+        except queue.Full:
+            return  # the writer is busy; the batch keeps growing, bounded by the prefetch window
+        self._writing += 1
+        self._batch = []
+
+    def _acknowledge_written(self):
+        while True:
+            try:
+                generation, batch, failures = self._written.get_nowait()
+            except queue.Empty:
+                return
+            if generation != self._generation:
+                continue
+            self._writing -= 1
+            self._fault_hook("before-ack")
+            last_tag = None
+            for index, (method, properties, body, _) in enumerate(batch):
+                if index in failures:
+                    self._dead_letter(method, properties, body, failures[index])
+                else:
+                    last_tag = method.delivery_tag
+            if last_tag is not None:
+                self._channel.basic_ack(last_tag, multiple=True)
+            self._stored += len(batch) - len(failures)
+
+    def _forget_unacknowledged(self):
+        """After a lost connection the broker redelivers everything unacknowledged."""
+        self._generation += 1
+        self._batch = []
+        self._writing = 0
+        self._connection = self._channel = None
+
+    # -- writing (writer thread: the only one that touches MongoDB) -----------
+
+    def _write_batches(self):
+        while True:
+            item = self._to_write.get()
+            if item is None:
+                return
+            generation, batch = item
+            if generation != self._generation:
+                continue  # its messages are on their way back from the broker
+            failures = self._insert([document for *_, document in batch])
+            self._fault_hook("after-write")
+            self._written.put((generation, batch, failures))
+
+    def _insert(self, documents):
+        """Write until MongoDB takes the documents; return {index: reason} for those it never will."""
+        delay, reported = 0.5, False
+        while True:
+            try:
+                self._collection.insert_many(documents, ordered=False)
+                failures = {}
+            except BulkWriteError as error:
+                if error.details.get("writeConcernErrors"):
+                    failures = None
+                else:
+                    failures = {e["index"]: f"MongoDB refused the document: {e.get('errmsg', e['code'])}"
+                                for e in error.details["writeErrors"] if e["code"] != DUPLICATE_KEY}
+            except PyMongoError as error:
+                failures = None
+                if not reported:
+                    LOG.warning("MongoDB unavailable (%s); holding %d messages and retrying", error, len(batch))
+                    reported = True
+            if failures is not None:
+                if reported:
+                    LOG.info("MongoDB is back")
+                return failures
+            time.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, 10.0)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args()
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    mongo = pymongo.MongoClient(config.MONGO_URI, tz_aware=True, serverSelectionTimeoutMS=5000)
+    server = StatusServer(mongo[config.MONGO_DB][config.MONGO_COLLECTION])
+    signal.signal(signal.SIGINT, server.stop)
+    signal.signal(signal.SIGTERM, server.stop)
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
