@@ -45,6 +45,8 @@ def to_document(body, message_id=None, amqp_timestamp=None, topic_device_id=None
         raise InvalidMessage(f"status must be an integer 0..6, got {_show(status)}")
 
     document = {"status": status}
+    if "message_id" in fields:
+        _identifier("message_id", fields["message_id"])
     identity = message_id if message_id is not None else fields.get("message_id")
     if identity is not None:
         document["_id"] = _identifier("message_id", identity)

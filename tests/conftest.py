@@ -1,0 +1,201 @@
+"""Fixtures over the real services started by `scripts/services up`.
+
+Every test gets its own exchange, queue and database, so tests never see each
+other's messages. A service that cannot be reached fails the test.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pika
+import pymongo
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@localhost:5672/%2F")
+MONGO_URI = os.environ.get("MONGO_URI", "mongodb://localhost:27017/")
+
+
+def wait_until(condition, timeout=30.0, what="the condition", interval=0.05):
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def mongo():
+    client = pymongo.MongoClient(MONGO_URI, tz_aware=True, serverSelectionTimeoutMS=5000)
+    try:
+        client.admin.command("ping")
+    except pymongo.errors.PyMongoError as error:
+        pytest.fail(f"MongoDB-wire server unreachable at {MONGO_URI} ({error}); run scripts/services up")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def amqp_connection():
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    except pika.exceptions.AMQPError as error:
+        pytest.fail(f"RabbitMQ unreachable at {RABBITMQ_URL} ({error!r}); run scripts/services up")
+    yield connection
+    if connection.is_open:
+        connection.close()
+
+
+class Pipeline:
+    """One isolated pipeline: names, processes, and the real services behind them."""
+
+    def __init__(self, mongo, amqp_connection, tmp_path):
+        suffix = uuid.uuid4().hex[:10]
+        self.env = dict(os.environ, RABBITMQ_URL=RABBITMQ_URL, MONGO_URI=MONGO_URI,
+                        MONGO_DB=f"test_{suffix}", MONGO_COLLECTION="status",
+                        EXCHANGE=f"test_exchange_{suffix}", QUEUE=f"test_queue_{suffix}",
+                        ROUTING_KEY="status_topic", PYTHONUNBUFFERED="1")
+        self.exchange, self.queue = self.env["EXCHANGE"], self.env["QUEUE"]
+        self.dead_letter_queue = self.queue + ".dead"
+        self.database = mongo[self.env["MONGO_DB"]]
+        self.collection = self.database["status"]
+        self.connection = amqp_connection
+        self.tmp_path = tmp_path
+        self.processes = []
+
+    # -- processes --------------------------------------------------------------
+
+    def start(self, script, *args, name=None, env=None):
+        name = name or f"{script.removesuffix('.py')}-{len(self.processes)}"
+        log_path = self.tmp_path / f"{name}.log"
+        process = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)],
+                                   env=dict(self.env, **(env or {})), cwd=ROOT,
+                                   stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+        process.log_path = log_path
+        self.processes.append(process)
+        return process
+
+    def start_server(self, env=None, name=None):
+        server = self.start("server.py", env=env, name=name)
+        wait_until(lambda: "consuming" in self.log(server) or server.poll() is not None,
+                   timeout=60, what="server.py to start consuming")
+        assert server.poll() is None, f"server.py exited early:\n{self.log(server)}"
+        return server
+
+    def run_client(self, *args, timeout=120):
+        client = self.start("client.py", *args)
+        try:
+            client.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"client.py {args} still running after {timeout}s:\n{self.log(client)[-3000:]}")
+        return client
+
+    @staticmethod
+    def log(process):
+        return process.log_path.read_text(errors="replace")
+
+    def confirmed_ids(self, client):
+        return re.findall(r"confirmed status=\d message_id=(\S+)", self.log(client))
+
+    def confirmed_counts(self, client):
+        counts = {str(status): 0 for status in range(7)}
+        for status in re.findall(r"confirmed status=(\d) message_id=", self.log(client)):
+            counts[status] += 1
+        return counts
+
+    @staticmethod
+    def stop(process, sig=signal.SIGTERM, timeout=15):
+        if process.poll() is None:
+            process.send_signal(sig)
+        return process.wait(timeout)
+
+    # -- broker and store ---------------------------------------------------------
+
+    def publish(self, body, properties=None, routing_key="status_topic"):
+        """Publish as a program other than client.py would, with plain pika and confirms."""
+        channel = self.connection.channel()
+        channel.confirm_delivery()
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+        channel.basic_publish(self.exchange, routing_key, body, properties or pika.BasicProperties(delivery_mode=2),
+                              mandatory=True)
+        channel.close()
+
+    def stored_count(self):
+        return self.collection.count_documents({})
+
+    def wait_stored(self, count, timeout=60):
+        wait_until(lambda: self.stored_count() >= count, timeout, f"{count} stored documents")
+        assert self.stored_count() == count
+
+    def dead_letters(self, expected, timeout=30):
+        """Wait for `expected` dead-lettered messages; return [(properties, body)]."""
+        channel = self.connection.channel()
+        found = []
+
+        def drain():
+            while True:
+                method, properties, body = channel.basic_get(self.dead_letter_queue, auto_ack=True)
+                if method is None:
+                    return len(found) >= expected
+                found.append((properties, body))
+
+        wait_until(drain, timeout, f"{expected} dead-lettered messages")
+        channel.close()
+        return found
+
+    def queue_depth(self, queue=None):
+        channel = self.connection.channel()
+        depth = channel.queue_declare(queue or self.queue, passive=True).method.message_count
+        channel.close()
+        return depth
+
+    def close(self):
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        if self.connection.is_open:
+            channel = self.connection.channel()
+            for queue in (self.queue, self.dead_letter_queue):
+                channel.queue_delete(queue)
+            for exchange in (self.exchange, self.queue + ".dlx"):
+                channel.exchange_delete(exchange)
+            channel.close()
+        self.database.client.drop_database(self.database.name)
+
+
+@pytest.fixture
+def pipeline(mongo, amqp_connection, tmp_path):
+    pipeline = Pipeline(mongo, amqp_connection, tmp_path)
+    yield pipeline
+    pipeline.close()
+
+
+@pytest.fixture
+def app_for():
+    """create_app() over the database of a pipeline."""
+    apps = []
+
+    def make(pipeline):
+        from api import create_app
+
+        app = create_app({"TESTING": True, "MONGO_URI": MONGO_URI, "MONGO_DB": pipeline.env["MONGO_DB"],
+                          "MONGO_COLLECTION": pipeline.env["MONGO_COLLECTION"]})
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["mongo"].close()

@@ -1,0 +1,143 @@
+"""client.py -> RabbitMQ -> server.py -> MongoDB -> api.py, on the real services."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pika
+import pytest
+
+from conftest import ROOT, wait_until
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def http_get_json(url):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.status, json.load(response)
+
+
+def test_client_server_api_end_to_end_counts_exactly(pipeline):
+    pipeline.start_server()
+    client = pipeline.run_client("--count", 500, "--interval", 0)
+    assert client.returncode == 0, pipeline.log(client)
+    assert len(pipeline.confirmed_ids(client)) == 500
+    pipeline.wait_stored(500)
+
+    port = free_port()
+    pipeline.start("api.py", env={"API_PORT": str(port)})
+    url = f"http://127.0.0.1:{port}/status-count?start=2000-01-01T00:00:00Z&end=2100-01-01T00:00:00Z"
+    wait_until(lambda: _answers(url), timeout=30, what="api.py to answer")
+    status, answer = http_get_json(url)
+    assert status == 200
+    assert answer == {"start": "2000-01-01T00:00:00Z", "end": "2100-01-01T00:00:00Z",
+                      "counts": pipeline.confirmed_counts(client), "total": 500}
+    assert http_get_json(f"http://127.0.0.1:{port}/health") == (200, {"status": "ok"})
+
+
+def _answers(url):
+    try:
+        return http_get_json(url)[0] == 200
+    except OSError:
+        return False
+
+
+def test_client_with_interval_publishes_until_stopped(pipeline):
+    pipeline.start_server()
+    client = pipeline.start("client.py", "--interval", "0.05")
+    wait_until(lambda: len(pipeline.confirmed_ids(client)) >= 5, timeout=30, what="5 confirms")
+    assert pipeline.stop(client, timeout=15) == 0
+    confirmed = pipeline.confirmed_ids(client)
+    assert "done:" in pipeline.log(client)
+    pipeline.wait_stored(len(confirmed))
+    assert sorted(doc["_id"] for doc in pipeline.collection.find({}, {"_id": 1})) == sorted(confirmed)
+
+
+def test_message_from_another_publisher_is_counted(pipeline, app_for):
+    pipeline.start_server()
+    pipeline.publish({"status": 4, "timestamp": "2026-11-27T11:15:00.250+01:00", "device_id": "sensor-7"},
+                     pika.BasicProperties(content_type="application/json", delivery_mode=2, message_id="m-1"))
+    pipeline.publish({"status": 6, "message_id": "m-2"})  # identity in the body, time from the server
+    pipeline.wait_stored(2)
+
+    stored = pipeline.collection.find_one({"_id": "m-1"})
+    assert stored["status"] == 4 and stored["device_id"] == "sensor-7"
+    assert stored["timestamp"] == datetime(2026, 11, 27, 10, 15, 0, 250000, tzinfo=timezone.utc)
+    assert abs(pipeline.collection.find_one({"_id": "m-2"})["timestamp"] - datetime.now(timezone.utc)) < timedelta(minutes=1)
+
+    client = app_for(pipeline).test_client()
+    answer = client.get("/status-count?start=2026-11-27T10:15:00.250Z&end=2026-11-27T10:15:00.251Z").get_json()
+    assert answer["counts"]["4"] == 1 and answer["total"] == 1
+
+
+def test_amqp_timestamp_property_is_used_when_body_has_none(pipeline):
+    pipeline.start_server()
+    sent_at = int(time.time()) - 3600
+    pipeline.publish({"status": 1}, pika.BasicProperties(delivery_mode=2, message_id="m-ts", timestamp=sent_at))
+    pipeline.wait_stored(1)
+    assert pipeline.collection.find_one({"_id": "m-ts"})["timestamp"] == datetime.fromtimestamp(sent_at, timezone.utc)
+
+
+def test_redelivered_message_is_stored_once(pipeline):
+    pipeline.start_server()
+    properties = pika.BasicProperties(delivery_mode=2, message_id="same-id")
+    for _ in range(3):
+        pipeline.publish({"status": 2, "timestamp": "2026-11-27T10:00:00Z"}, properties)
+    pipeline.publish({"status": 3, "message_id": "marker"})
+    wait_until(lambda: pipeline.collection.find_one({"_id": "marker"}), what="the marker message")
+    assert pipeline.stored_count() == 2
+    assert pipeline.collection.count_documents({"_id": "same-id"}) == 1
+
+
+def test_messages_published_while_server_is_down_are_kept(pipeline):
+    server = pipeline.start_server()  # declares the durable queue
+    assert pipeline.stop(server) == 0
+    client = pipeline.run_client("--count", 50, "--interval", 0)
+    assert client.returncode == 0, pipeline.log(client)
+    assert pipeline.queue_depth() == 50
+    pipeline.start_server()
+    pipeline.wait_stored(50)
+
+
+def test_unroutable_message_is_an_error_not_a_silent_loss(pipeline):
+    client = pipeline.run_client("--count", 3, "--interval", 0)  # no server ever declared the queue
+    assert client.returncode == 1
+    log = pipeline.log(client)
+    assert log.count("unroutable") == 3 and "3 refused" in log
+
+
+def test_sigterm_stops_the_server_cleanly(pipeline):
+    server = pipeline.start_server()
+    client = pipeline.run_client("--count", 200, "--interval", 0)
+    pipeline.wait_stored(200)
+    started = time.monotonic()
+    assert pipeline.stop(server, timeout=10) == 0
+    assert time.monotonic() - started < 5
+    assert "stopped: 200 stored" in pipeline.log(server)
+    assert client.returncode == 0
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("API_PORT", "abc"),
+    ("API_PORT", "70000"),
+    ("RABBITMQ_URL", "localhost:5672"),
+    ("MONGO_URI", "localhost:27017"),
+    ("MONGO_URI", "mongodb://localhost:port/"),
+    ("QUEUE", ""),
+])
+@pytest.mark.parametrize("script", ["server.py", "client.py", "api.py"])
+def test_bad_setting_stops_the_program_with_one_line_naming_it(script, variable, value):
+    result = subprocess.run([sys.executable, str(ROOT / script)], env={"PATH": "/usr/bin:/bin", variable: value},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith(f"config error: {variable}=")
