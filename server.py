@@ -12,6 +12,7 @@ goes to the dead-letter queue with its reason and is never retried.
 
 import argparse
 import logging
+import os
 import queue
 import random
 import signal
@@ -50,8 +51,9 @@ class StatusServer:
         self._parameters = pika.URLParameters(amqp_url)
         self._parameters.heartbeat = 30
         self._parameters.blocked_connection_timeout = 60
-        self._fault_hook = fault_hook or (lambda point: None)
+        self._fault_hook = fault_hook or (lambda point, detail=None: None)
         self._stopping = False
+        self._down_since = None  # when RabbitMQ went away, to log the outage once
         self._connection = None
         self._channel = None
         self._batch = []  # [(method, properties, body, document)] not yet handed to the writer
@@ -81,12 +83,12 @@ class StatusServer:
             except (ConnectionClosedByBroker, AMQPConnectionError, ConnectionError) as error:
                 if self._stopping:
                     break
-                LOG.warning("RabbitMQ connection lost (%s); reconnecting in %.1fs", error or type(error).__name__, delay)
+                self._went_down(f"RabbitMQ connection lost ({error!r})")
             except ChannelClosedByBroker as error:
                 if error.reply_code in (403, 404, 406):
                     LOG.error("RabbitMQ refused the topology: %s", error)
                     raise SystemExit(1) from None
-                LOG.warning("RabbitMQ closed the channel (%s); reconnecting in %.1fs", error, delay)
+                self._went_down(f"RabbitMQ closed the channel ({error})")
             finally:
                 self._forget_unacknowledged()
             if time.monotonic() - started > 30:
@@ -96,6 +98,13 @@ class StatusServer:
         self._to_write.put(None)
         writer.join(timeout=SHUTDOWN_SECONDS)
         LOG.info("stopped: %d stored, %d dead-lettered", self._stored, self._dead)
+
+    def _went_down(self, why):
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            LOG.warning("%s; reconnecting", why)
+        else:
+            LOG.debug("%s; still reconnecting", why)
 
     def stop(self, *_):
         if not self._stopping:
@@ -117,6 +126,9 @@ class StatusServer:
         self._declare_topology(self._channel)
         self._channel.confirm_delivery()  # dead-letter publishes are confirmed before the ack
         self._channel.basic_qos(prefetch_count=PREFETCH)
+        if self._down_since is not None:
+            LOG.info("RabbitMQ is back after %.1fs", time.monotonic() - self._down_since)
+            self._down_since = None
         LOG.info("connected to RabbitMQ, consuming %s", config.QUEUE)
 
     @staticmethod
@@ -169,6 +181,7 @@ class StatusServer:
                 return
 
     def _on_message(self, channel, method, properties, body):
+        self._fault_hook("message", properties.message_id)
         topic_device_id = None
         parts = method.routing_key.split(".")
         if len(parts) == 3 and parts[0] == "devices" and parts[2] == "status":
@@ -272,14 +285,29 @@ class StatusServer:
             delay = min(delay * 2, 10.0)
 
 
+def _fault_hook_from_environment():
+    """For the fault tests: SERVER_CRASH_AT=after-write|before-ack|message:<message_id>
+    kills the process at that point, as a power cut or a fatal bug would."""
+    crash_at = os.environ.get("SERVER_CRASH_AT")
+    if not crash_at:
+        return None
+
+    def crash(point, detail=None):
+        if point == crash_at or f"{point}:{detail}" == crash_at:
+            LOG.error("crashing at %s (SERVER_CRASH_AT)", point)
+            os._exit(70)
+
+    return crash
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args()
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    logging.getLogger("pika").setLevel(logging.CRITICAL)  # the server logs each transition itself
     mongo = pymongo.MongoClient(config.MONGO_URI, tz_aware=True, serverSelectionTimeoutMS=5000)
-    server = StatusServer(mongo[config.MONGO_DB][config.MONGO_COLLECTION])
+    server = StatusServer(mongo[config.MONGO_DB][config.MONGO_COLLECTION], fault_hook=_fault_hook_from_environment())
     signal.signal(signal.SIGINT, server.stop)
     signal.signal(signal.SIGTERM, server.stop)
     server.run()

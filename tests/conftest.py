@@ -4,6 +4,7 @@ Every test gets its own exchange, queue and database, so tests never see each
 other's messages. A service that cannot be reached fails the test.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -49,12 +50,9 @@ def mongo():
 @pytest.fixture
 def amqp_connection():
     try:
-        connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+        return pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
     except pika.exceptions.AMQPError as error:
         pytest.fail(f"RabbitMQ unreachable at {RABBITMQ_URL} ({error!r}); run scripts/services up")
-    yield connection
-    if connection.is_open:
-        connection.close()
 
 
 class Pipeline:
@@ -70,7 +68,7 @@ class Pipeline:
         self.dead_letter_queue = self.queue + ".dead"
         self.database = mongo[self.env["MONGO_DB"]]
         self.collection = self.database["status"]
-        self.connection = amqp_connection
+        self._connection = amqp_connection
         self.tmp_path = tmp_path
         self.processes = []
 
@@ -122,9 +120,23 @@ class Pipeline:
 
     # -- broker and store ---------------------------------------------------------
 
+    @property
+    def connection(self):
+        """A live connection, opened again after a broker restart."""
+        if not self._connection.is_open:
+            self._connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+        return self._connection
+
+    def channel(self):
+        try:
+            return self.connection.channel()
+        except pika.exceptions.AMQPError:
+            self._connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+            return self._connection.channel()
+
     def publish(self, body, properties=None, routing_key="status_topic"):
         """Publish as a program other than client.py would, with plain pika and confirms."""
-        channel = self.connection.channel()
+        channel = self.channel()
         channel.confirm_delivery()
         if isinstance(body, (dict, list)):
             body = json.dumps(body).encode()
@@ -141,7 +153,7 @@ class Pipeline:
 
     def dead_letters(self, expected, timeout=30):
         """Wait for `expected` dead-lettered messages; return [(properties, body)]."""
-        channel = self.connection.channel()
+        channel = self.channel()
         found = []
 
         def drain():
@@ -156,7 +168,7 @@ class Pipeline:
         return found
 
     def queue_depth(self, queue=None):
-        channel = self.connection.channel()
+        channel = self.channel()
         depth = channel.queue_declare(queue or self.queue, passive=True).method.message_count
         channel.close()
         return depth
@@ -166,13 +178,13 @@ class Pipeline:
             if process.poll() is None:
                 process.kill()
                 process.wait()
-        if self.connection.is_open:
-            channel = self.connection.channel()
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            channel = self.channel()
             for queue in (self.queue, self.dead_letter_queue):
                 channel.queue_delete(queue)
             for exchange in (self.exchange, self.queue + ".dlx"):
                 channel.exchange_delete(exchange)
-            channel.close()
+            self.connection.close()
         self.database.client.drop_database(self.database.name)
 
 
