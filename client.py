@@ -18,11 +18,13 @@ import logging
 import random
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections import OrderedDict, deque
 from datetime import datetime, timezone
 
+import paho.mqtt.client as mqtt
 import pika
 from pika.exceptions import ProbableAccessDeniedError, ProbableAuthenticationError
 
@@ -217,11 +219,135 @@ class AmqpPublisher:
             self._connection.close()
 
 
+class MqttPublisher:
+    """Publishes the same JSON over MQTT (QoS 1 by default) through RabbitMQ's MQTT plugin.
+
+    MQTT 3.1.1 has no message properties, so the message_id travels in the body. paho keeps
+    up to --window messages in flight and resends unacknowledged ones after a reconnect.
+    """
+
+    def __init__(self, count, interval, window, device_id, qos, give_up_seconds):
+        self._remaining = count
+        self._interval = interval
+        self._device_id = device_id
+        self._qos = qos
+        self._window = window
+        self._give_up_seconds = give_up_seconds
+        # devices/<id>/status arrives as routing key devices.<id>.status; without an id, the classic topic.
+        self._topic = f"devices/{device_id}/status" if device_id else config.ROUTING_KEY
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"client-py-{uuid.uuid4().hex[:12]}",
+                                   protocol=mqtt.MQTTv311, clean_session=True)
+        self._client.username_pw_set(config.MQTT_USERNAME, config.MQTT_PASSWORD)
+        self._client.max_inflight_messages_set(window)
+        self._client.max_queued_messages_set(0)
+        self._client.reconnect_delay_set(1, 30)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_publish = self._on_publish
+        self._lock = threading.Lock()
+        self._in_flight = {}  # paho mid -> (message_id, status)
+        self._early_acks = set()
+        self._down_since = None
+        self._stopping = False
+        self.published = self.confirmed = self.refused = 0
+
+    @property
+    def unconfirmed(self):
+        return len(self._in_flight)
+
+    def run(self):
+        try:
+            self._client.connect(config.MQTT_HOST, config.MQTT_PORT, keepalive=30)
+        except OSError as error:
+            LOG.error("cannot connect to MQTT at %s:%d: %s", config.MQTT_HOST, config.MQTT_PORT, error)
+            self.refused = max(self._remaining or 0, 1)
+            return
+        self._client.loop_start()
+        try:
+            while self._remaining != 0 and not self._stopping and not self._gave_up():
+                status = random.randrange(7)
+                message_id, body = make_message(status, self._device_id)
+                info = self._client.publish(self._topic, body, qos=self._qos)
+                if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                    LOG.error("paho refused message %s: %s", message_id, mqtt.error_string(info.rc))
+                    self.refused += 1
+                else:
+                    self.published += 1
+                    self._track(info.mid, (message_id, status))
+                if self._remaining is not None:
+                    self._remaining -= 1
+                if self._interval:
+                    time.sleep(self._interval)
+                else:
+                    self._wait(lambda: len(self._in_flight) < 10 * self._window)
+            self._wait(lambda: not self._in_flight or self._gave_up())
+            if self._in_flight:
+                LOG.error("gave up: %d messages unconfirmed", len(self._in_flight))
+        finally:
+            self._client.disconnect()
+            self._client.loop_stop()
+
+    def stop(self, *_):
+        if not self._stopping:
+            LOG.info("stopping: waiting for %d PUBACKs", len(self._in_flight))
+        self._stopping = True
+
+    def _wait(self, condition):
+        while not condition():
+            time.sleep(0.005)
+
+    def _gave_up(self):
+        return self._down_since is not None and time.monotonic() - self._down_since > self._give_up_seconds
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            LOG.error("MQTT broker refused the connection: %s (check MQTT_USERNAME/MQTT_PASSWORD)", reason_code)
+            self._down_since = self._down_since or time.monotonic()
+            return
+        if self._down_since is not None:
+            LOG.info("connected to MQTT again after %.1fs", time.monotonic() - self._down_since)
+        else:
+            LOG.info("connected to MQTT at %s:%d, publishing to topic %s (QoS %d)",
+                     config.MQTT_HOST, config.MQTT_PORT, self._topic, self._qos)
+        self._down_since = None
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        if self._in_flight or self._remaining != 0:
+            if self._down_since is None:
+                LOG.warning("MQTT connection lost (%s); %d messages in flight will be resent",
+                            reason_code, len(self._in_flight))
+            self._down_since = self._down_since or time.monotonic()
+
+    def _track(self, mid, message):
+        # The PUBACK can arrive (on paho's thread) before publish() has returned the mid.
+        with self._lock:
+            if mid in self._early_acks:
+                self._early_acks.discard(mid)
+            else:
+                self._in_flight[mid] = message
+                return
+        self._confirmed(message)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        with self._lock:
+            message = self._in_flight.pop(mid, None)
+            if message is None:
+                self._early_acks.add(mid)
+                return
+        self._confirmed(message)
+
+    def _confirmed(self, message):
+        self.confirmed += 1
+        LOG.info("confirmed status=%d message_id=%s", message[1], message[0])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Publish device status messages (0..6) to RabbitMQ.")
     parser.add_argument("--count", type=int, default=None, help="publish exactly N messages, then exit")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between messages; 0 for as fast as possible")
-    parser.add_argument("--device-id", default=None, help="device id put in every message")
+    parser.add_argument("--device-id", default=None, help="device id put in every message (and MQTT topic)")
+    parser.add_argument("--transport", choices=("amqp", "mqtt"), default="amqp")
+    parser.add_argument("--qos", type=int, choices=(0, 1), default=1, help="MQTT QoS (1 is acknowledged)")
     parser.add_argument("--window", type=int, default=1000, help="messages awaiting confirm at once")
     parser.add_argument("--give-up", type=float, default=120.0, help="seconds without RabbitMQ before giving up")
     parser.add_argument("--log-level", default="INFO")
@@ -231,8 +357,11 @@ def main(argv=None):
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("pika").setLevel(logging.CRITICAL)
 
-    publisher = AmqpPublisher(config.RABBITMQ_URL, args.count, args.interval, args.window,
-                              args.device_id, args.give_up)
+    if args.transport == "mqtt":
+        publisher = MqttPublisher(args.count, args.interval, args.window, args.device_id, args.qos, args.give_up)
+    else:
+        publisher = AmqpPublisher(config.RABBITMQ_URL, args.count, args.interval, args.window,
+                                  args.device_id, args.give_up)
     signal.signal(signal.SIGINT, publisher.stop)
     signal.signal(signal.SIGTERM, publisher.stop)
     started = time.monotonic()

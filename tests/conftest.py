@@ -58,12 +58,14 @@ def amqp_connection():
 class Pipeline:
     """One isolated pipeline: names, processes, and the real services behind them."""
 
-    def __init__(self, mongo, amqp_connection, tmp_path):
+    def __init__(self, mongo, amqp_connection, tmp_path, exchange=None):
         suffix = uuid.uuid4().hex[:10]
+        self.shared_exchange = exchange is not None
         self.env = dict(os.environ, RABBITMQ_URL=RABBITMQ_URL, MONGO_URI=MONGO_URI,
                         MONGO_DB=f"test_{suffix}", MONGO_COLLECTION="status",
-                        EXCHANGE=f"test_exchange_{suffix}", QUEUE=f"test_queue_{suffix}",
-                        ROUTING_KEY="status_topic", PYTHONUNBUFFERED="1")
+                        EXCHANGE=exchange or f"test_exchange_{suffix}", QUEUE=f"test_queue_{suffix}",
+                        ROUTING_KEY=f"test_topic_{suffix}" if exchange else "status_topic", PYTHONUNBUFFERED="1")
+        self.routing_key = self.env["ROUTING_KEY"]
         self.exchange, self.queue = self.env["EXCHANGE"], self.env["QUEUE"]
         self.dead_letter_queue = self.queue + ".dead"
         self.database = mongo[self.env["MONGO_DB"]]
@@ -134,8 +136,9 @@ class Pipeline:
             self._connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
             return self._connection.channel()
 
-    def publish(self, body, properties=None, routing_key="status_topic"):
+    def publish(self, body, properties=None, routing_key=None):
         """Publish as a program other than client.py would, with plain pika and confirms."""
+        routing_key = routing_key or self.routing_key
         channel = self.channel()
         channel.confirm_delivery()
         if isinstance(body, (dict, list)):
@@ -182,8 +185,9 @@ class Pipeline:
             channel = self.channel()
             for queue in (self.queue, self.dead_letter_queue):
                 channel.queue_delete(queue)
-            for exchange in (self.exchange, self.queue + ".dlx"):
-                channel.exchange_delete(exchange)
+            channel.exchange_delete(self.queue + ".dlx")
+            if not self.shared_exchange:
+                channel.exchange_delete(self.exchange)
             self.connection.close()
         self.database.client.drop_database(self.database.name)
 
@@ -191,6 +195,14 @@ class Pipeline:
 @pytest.fixture
 def pipeline(mongo, amqp_connection, tmp_path):
     pipeline = Pipeline(mongo, amqp_connection, tmp_path)
+    yield pipeline
+    pipeline.close()
+
+
+@pytest.fixture
+def mqtt_pipeline(mongo, amqp_connection, tmp_path):
+    """A pipeline on the exchange RabbitMQ's MQTT plugin publishes to (rabbitmq/rabbitmq.conf)."""
+    pipeline = Pipeline(mongo, amqp_connection, tmp_path, exchange="status_exchange")
     yield pipeline
     pipeline.close()
 
