@@ -23,6 +23,7 @@ demo: venv services
 	scripts/demo
 
 test: venv services
+	$(PY) -m pyflakes *.py tests/*.py $(wildcard bench/*.py)
 	$(PY) -m pytest
 
 bench: venv services

@@ -19,7 +19,6 @@ import signal
 import sys
 import threading
 import time
-from datetime import datetime, timezone
 
 import pika
 import pymongo
@@ -248,6 +247,14 @@ class StatusServer:
     # -- writing (writer thread: the only one that touches MongoDB) -----------
 
     def _write_batches(self):
+        try:
+            self._write_batches_until_stopped()
+        except BaseException:
+            # Nothing written by a broken writer is acknowledged: dying hands every message back.
+            LOG.critical("writer thread failed; exiting so the messages are redelivered", exc_info=True)
+            os._exit(1)
+
+    def _write_batches_until_stopped(self):
         while True:
             item = self._to_write.get()
             if item is None:
@@ -275,7 +282,7 @@ class StatusServer:
             except PyMongoError as error:
                 failures = None
                 if not reported:
-                    LOG.warning("MongoDB unavailable (%s); holding %d messages and retrying", error, len(batch))
+                    LOG.warning("MongoDB unavailable (%s); holding %d messages and retrying", error, len(documents))
                     reported = True
             if failures is not None:
                 if reported:

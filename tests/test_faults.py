@@ -5,7 +5,6 @@ suite: lost (confirmed but not stored) = 0 and duplicated (stored more than
 once) = 0, against the message ids that publishers saw confirmed.
 """
 
-import signal
 import subprocess
 import time
 

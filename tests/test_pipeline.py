@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from datetime import datetime, timedelta, timezone
 
 import pika
