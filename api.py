@@ -13,6 +13,7 @@ from pymongo.errors import PyMongoError
 from werkzeug.exceptions import HTTPException
 
 import config
+import rollups
 from messages import STATUSES, parse_time
 
 MAX_PARAMETER_LENGTH = 64
@@ -41,10 +42,9 @@ def create_app(test_config=None):
         end = _time_parameter("end")
         if start > end:
             raise BadRequest(f"start ({_format(start)}) is after end ({_format(end)})")
-        counts = count_statuses(collection, start, end)
+        counts = rollups.count(collection, start, end)
         return jsonify(start=_format(start), end=_format(end),
-                       counts={str(status): counts[status] for status in STATUSES},
-                       total=sum(counts.values()))
+                       counts={str(status): counts[status] for status in STATUSES}, total=sum(counts))
 
     @app.get("/health")
     def health():
@@ -73,18 +73,6 @@ def create_app(test_config=None):
         return jsonify(error="internal error"), 500
 
     return app
-
-
-def count_statuses(collection, start, end):
-    """{status: count} of documents with start <= timestamp < end."""
-    pipeline = [
-        {"$match": {"timestamp": {"$gte": start, "$lt": end}}},
-        {"$group": {"_id": "$status", "count": {"$sum": 1}}},
-    ]
-    counts = dict.fromkeys(STATUSES, 0)
-    for row in collection.aggregate(pipeline):
-        counts[row["_id"]] = row["count"]
-    return counts
 
 
 def _time_parameter(name):

@@ -26,6 +26,7 @@ from pika.exceptions import AMQPConnectionError, ChannelClosedByBroker, Connecti
 from pymongo.errors import BulkWriteError, PyMongoError
 
 import config
+import rollups
 from messages import InvalidMessage, to_document
 
 LOG = logging.getLogger("server")
@@ -37,9 +38,9 @@ REASON_HEADER = "x-rejected-reason"
 # A message that kills the server before it is acknowledged comes back with a growing
 # delivery count; after this many deliveries the broker dead-letters it.
 DELIVERY_LIMIT = 20
-BATCH_SIZE = 500
+BATCH_SIZE = 1000
 FLUSH_SECONDS = 0.05
-PREFETCH = 4 * BATCH_SIZE
+PREFETCH = 3 * BATCH_SIZE  # one batch being written, one waiting, one filling
 DUPLICATE_KEY = 11000
 SHUTDOWN_SECONDS = 10
 
@@ -271,14 +272,10 @@ class StatusServer:
         delay, reported = 0.5, False
         while True:
             try:
-                self._collection.insert_many(documents, ordered=False)
-                failures = {}
-            except BulkWriteError as error:
-                if error.details.get("writeConcernErrors"):
-                    failures = None
-                else:
-                    failures = {e["index"]: f"MongoDB refused the document: {e.get('errmsg', e['code'])}"
-                                for e in error.details["writeErrors"] if e["code"] != DUPLICATE_KEY}
+                failures = self._insert_many(documents)
+                if failures is not None:
+                    # After the insert and before the ack: see the argument in rollups.py.
+                    rollups.touch(self._collection, [d for i, d in enumerate(documents) if i not in failures])
             except PyMongoError as error:
                 failures = None
                 if not reported:
@@ -290,6 +287,18 @@ class StatusServer:
                 return failures
             time.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, 10.0)
+
+
+    def _insert_many(self, documents):
+        """{index: reason} for the documents MongoDB refused; None when the whole write must be retried."""
+        try:
+            self._collection.insert_many(documents, ordered=False)
+            return {}
+        except BulkWriteError as error:
+            if error.details.get("writeConcernErrors"):
+                return None
+            return {e["index"]: f"MongoDB refused the document: {e.get('errmsg', e['code'])}"
+                    for e in error.details["writeErrors"] if e["code"] != DUPLICATE_KEY}
 
 
 def _fault_hook_from_environment():

@@ -5,6 +5,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+import rollups
 from api import create_app
 from conftest import MONGO_URI
 
@@ -29,9 +30,10 @@ def utc(*parts):
 
 
 def store(app, *rows):
-    """rows: (status, timestamp)"""
-    app.collection.insert_many([{"status": status, "timestamp": moment, "received_at": moment}
-                                for status, moment in rows])
+    """rows: (status, timestamp), written as server.py writes them."""
+    documents = [{"status": status, "timestamp": moment, "received_at": moment} for status, moment in rows]
+    app.collection.insert_many(documents)
+    rollups.touch(app.collection, documents)
 
 
 def counts(*pairs):

@@ -1,0 +1,248 @@
+"""Ingest benchmark: server.py against the broker's and the store's ceilings, in one run.
+
+    .venv/bin/python bench/ingest.py                 # 200,000 messages (make bench)
+    .venv/bin/python bench/ingest.py --messages 5000 --baseline-messages 1000   # quick
+
+Each consumer drains the same pre-loaded queue (the same message bodies, loaded
+again before each run, loading not timed):
+  (a) server.py, as shipped;
+  (b) the broker's ceiling: a consumer that only parses JSON and acknowledges;
+  (c) the store's ceiling: plain insert_many of the same documents, 1,000 at a time;
+  (d) the baseline: one insert_one and one ack per message, as the original design did.
+Then the latency from publish to stored at a steady 1,000 msg/s, and server.py's peak
+memory. Prints a table and writes bench/results/ingest.json.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = uuid.uuid4().hex[:8]
+os.environ.update(EXCHANGE=f"bench_exchange_{RUN}", QUEUE=f"bench_queue_{RUN}", MONGO_DB=f"bench_{RUN}",
+                  ROUTING_KEY="status_topic")
+sys.path.insert(0, str(ROOT))
+
+import pika  # noqa: E402
+import pymongo  # noqa: E402
+
+import config  # noqa: E402
+from messages import to_document  # noqa: E402
+from server import StatusServer  # noqa: E402
+
+
+def bodies(count):
+    """The same message bodies for every run: identity, status and time as client.py sends them."""
+    start = datetime(2026, 11, 1, tzinfo=timezone.utc).timestamp()
+    return [json.dumps({"status": index % 7, "message_id": f"{RUN}-{index}",
+                        "timestamp": datetime.fromtimestamp(start + index * 0.01, timezone.utc)
+                        .isoformat(timespec="milliseconds").replace("+00:00", "Z")}).encode()
+            for index in range(count)]
+
+
+def connect():
+    return pika.BlockingConnection(pika.URLParameters(config.RABBITMQ_URL))
+
+
+def preload(messages):
+    connection = connect()
+    channel = connection.channel()
+    StatusServer._declare_topology(channel)
+    channel.queue_purge(config.QUEUE)
+    properties = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+    for body in messages:
+        channel.basic_publish(config.EXCHANGE, config.ROUTING_KEY, body, properties)
+    while channel.queue_declare(config.QUEUE, passive=True).method.message_count < len(messages):
+        connection.sleep(0.1)
+    connection.close()
+
+
+def fresh_collection(mongo):
+    mongo.drop_database(config.MONGO_DB)
+    return mongo[config.MONGO_DB][config.MONGO_COLLECTION]
+
+
+def timed(run):
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def run_server(mongo, count):
+    """(a) server.py as a process; returns (seconds, peak RSS in MB)."""
+    collection = fresh_collection(mongo)
+    log = open(ROOT / "bench/results/server.log", "wb")
+    process = subprocess.Popen([sys.executable, str(ROOT / "server.py")], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while b"consuming" not in (ROOT / "bench/results/server.log").read_bytes():  # start-up is not measured
+            time.sleep(0.01)
+        started = time.perf_counter()
+        while collection.estimated_document_count() < count:
+            if process.poll() is not None:
+                raise SystemExit("server.py exited during the benchmark; see bench/results/server.log")
+            time.sleep(0.02)
+        seconds = time.perf_counter() - started
+        peak_kb = int(next(line.split()[1] for line in open(f"/proc/{process.pid}/status") if line.startswith("VmHWM")))
+    finally:
+        process.terminate()
+        process.wait(30)
+    return seconds, peak_kb / 1024
+
+
+def drain_parse_only(count):
+    """(b) parse JSON and acknowledge (one multiple ack per 500), nothing else."""
+    connection = connect()
+    channel = connection.channel()
+    channel.basic_qos(prefetch_count=2000)
+    seen = 0
+    for method, _, body in channel.consume(config.QUEUE):
+        json.loads(body)
+        seen += 1
+        if seen % 500 == 0 or seen == count:
+            channel.basic_ack(method.delivery_tag, multiple=True)
+        if seen == count:
+            break
+    channel.cancel()
+    connection.close()
+
+
+def insert_only(collection, documents):
+    """(c) plain insert_many, batches of 1,000, unordered."""
+    for first in range(0, len(documents), 1000):
+        collection.insert_many(documents[first:first + 1000], ordered=False)
+
+
+def drain_one_at_a_time(collection, count):
+    """(d) the original design: insert_one, then ack, for every message."""
+    connection = connect()
+    channel = connection.channel()
+    seen = 0
+    for method, properties, body in channel.consume(config.QUEUE):
+        collection.insert_one(to_document(body, properties.message_id, properties.timestamp))
+        channel.basic_ack(method.delivery_tag)
+        seen += 1
+        if seen == count:
+            break
+    channel.cancel()
+    connection.close()
+
+
+def latency(mongo, rate, seconds):
+    """Publish to stored at a steady rate: p50 and p99 in ms, from server.py's stored counts."""
+    collection = fresh_collection(mongo)
+    log = open(ROOT / "bench/results/server-latency.log", "wb")
+    process = subprocess.Popen([sys.executable, str(ROOT / "server.py")], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    connection = connect()
+    channel = connection.channel()
+    StatusServer._declare_topology(channel)
+    while b"consuming" not in (ROOT / "bench/results/server-latency.log").read_bytes():  # start-up is not measured
+        time.sleep(0.05)
+    total = int(rate * seconds)
+    stored_at = []  # (time, stored count), sampled every 5 ms
+    sampling = True
+
+    def sample():
+        while sampling:
+            stored_at.append((time.perf_counter(), collection.estimated_document_count()))
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    published_at = []
+    started = time.perf_counter()
+    for index, body in enumerate(bodies(total)):
+        due = started + index / rate
+        while time.perf_counter() < due:
+            connection.sleep(min(0.001, max(0.0, due - time.perf_counter())))
+        channel.basic_publish(config.EXCHANGE, config.ROUTING_KEY, body, pika.BasicProperties(delivery_mode=2))
+        published_at.append(time.perf_counter())
+    deadline = time.perf_counter() + 30
+    while collection.estimated_document_count() < total and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    sampling = False
+    sampler.join()
+    connection.close()
+    process.terminate()
+    process.wait(30)
+    # One queue and one server keep publish order, so message k is stored once the count passes k.
+    delays, position = [], 0
+    for index, sent in enumerate(published_at):
+        while position < len(stored_at) and stored_at[position][1] <= index:
+            position += 1
+        if position == len(stored_at):
+            raise SystemExit(f"only {stored_at[-1][1]} of {total} messages were stored")
+        delays.append((stored_at[position][0] - sent) * 1000)
+    delays.sort()
+    return delays[len(delays) // 2], delays[int(len(delays) * 0.99)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument("--baseline-messages", type=int, default=20_000,
+                        help="the one-at-a-time baseline is slow: it drains this many")
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--output", default=str(ROOT / "bench/results/ingest.json"))
+    args = parser.parse_args()
+    (ROOT / "bench/results").mkdir(parents=True, exist_ok=True)
+    mongo = pymongo.MongoClient(config.MONGO_URI, tz_aware=True)
+    count, baseline_count = args.messages, min(args.baseline_messages, args.messages)
+    messages = bodies(count)
+    documents = [to_document(body) for body in messages]
+
+    rates = {}
+    try:
+        preload(messages)
+        seconds, peak_mb = run_server(mongo, count)
+        rates["a_server"] = count / seconds
+        preload(messages)
+        rates["b_broker_ceiling"] = count / timed(lambda: drain_parse_only(count))
+        collection = fresh_collection(mongo)
+        rates["c_store_ceiling"] = count / timed(lambda: insert_only(collection, [dict(d) for d in documents]))
+        preload(messages[:baseline_count])
+        collection = fresh_collection(mongo)
+        rates["d_one_at_a_time"] = baseline_count / timed(lambda: drain_one_at_a_time(collection, baseline_count))
+        p50, p99 = latency(mongo, 1000, args.latency_seconds)
+    finally:
+        connection = connect()
+        channel = connection.channel()
+        for queue in (config.QUEUE, config.QUEUE + ".dead"):
+            channel.queue_delete(queue)
+        channel.exchange_delete(config.EXCHANGE)
+        channel.exchange_delete(config.QUEUE + ".dlx")
+        connection.close()
+        mongo.drop_database(config.MONGO_DB)
+
+    ceiling = min(rates["b_broker_ceiling"], rates["c_store_ceiling"])
+    result = {
+        "machine": {"cores": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+                    "python": platform.python_version(), "store": mongo.server_info().get("version")},
+        "messages": count, "baseline_messages": baseline_count,
+        "rates_per_second": {name: round(rate) for name, rate in rates.items()},
+        "server_vs_smaller_ceiling": round(rates["a_server"] / ceiling, 2),
+        "server_vs_one_at_a_time": round(rates["a_server"] / rates["d_one_at_a_time"], 1),
+        "server_peak_rss_mb": round(peak_mb, 1),
+        "latency_at_1000_per_second_ms": {"p50": round(p50, 1), "p99": round(p99, 1)},
+    }
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"ingest, {count:,} messages ({baseline_count:,} for the baseline), {result['machine']}")
+    print(f"{'consumer':<44}{'msg/s':>10}")
+    labels = {"a_server": "(a) server.py", "b_broker_ceiling": "(b) parse + ack only (broker ceiling)",
+              "c_store_ceiling": "(c) insert_many x1000 (store ceiling)", "d_one_at_a_time": "(d) insert_one + ack (baseline)"}
+    for name, label in labels.items():
+        print(f"{label:<44}{rates[name]:>10,.0f}")
+    print(f"(a) / min(b, c) = {result['server_vs_smaller_ceiling']:.2f}   (a) / (d) = {result['server_vs_one_at_a_time']:.1f}x")
+    print(f"server.py peak RSS {peak_mb:.0f} MB; publish-to-stored at 1,000 msg/s: p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+    print(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
