@@ -1,17 +1,21 @@
 """Exact status counts whose cost does not grow with the number of stored messages.
 
 Time is cut into buckets at four levels: minute, hour, day and span (32 days); each
-level's size divides the next. Two small collections sit beside the raw one:
+level's size divides the next. Every bucket has two small documents, kept in the
+collection of its parent bucket (`<collection>_rollup_hour_<n>` holds those of the
+60 minutes of hour n, and so on up to `<collection>_rollup_all` for the spans):
 
-- `<collection>_tokens`: {_id: bucket key, token}. After every batch it writes, the
-  server sets a fresh random token on every bucket the batch touches, minutes first,
-  then hours, days and spans (`touch`).
-- `<collection>_seals`: {_id: bucket key, token, total: [7 counts], parts: {child: [7]}}.
-  Written only by readers (`count`): the bucket's counts, computed under `token`.
+- its token, `{_id: "token:<bucket>", token}`: after every batch it writes, the server
+  sets a fresh random token on every bucket the batch touches, minutes first, then
+  hours, days and spans (`touch`);
+- its seal, `{_id: "seal:<bucket>", token, total: [7 counts], parts: {child: [7]}}`:
+  the bucket's counts computed under that token, written only by readers (`count`).
 
-A reader trusts a seal only while its token is the bucket's current token, and
-otherwise computes the bucket again (from the raw documents for a minute, from the
-children's seals above that) and seals it under the token it read first.
+A reader uses a seal only while its token is the bucket's current token; otherwise it
+computes the bucket again (from the raw documents for a minute, from its children's
+seals above that) and seals it under the token it read first. Collections stay small
+(at most 120 documents) because FerretDB 1.24 on SQLite finds even `{_id: value}` by
+scanning its table: every lookup and update costs the size of its collection.
 
 Why the answer is exact (no transactions, and last-writer-wins whole-document writes
 are all that is assumed, which is what FerretDB 1.24 offers):
@@ -19,13 +23,15 @@ are all that is assumed, which is what FerretDB 1.24 offers):
    each bucket above it, in that order, with a value never used before. A crash
    between the insert and the token writes leaves the batch unacknowledged: its
    redelivery inserts duplicates (ignored) and repeats the token writes.
-2. A seal is computed from data read after its token T was read: the parent's token
-   is read before its children's tokens and seals, and those before the raw documents.
-   A document that landed in the bucket and is missing from what was read has its
-   token write on that bucket still to come, which replaces T for good (a token value
-   is never written twice), so the seal is never trusted again. Two writers racing on
-   a token can only lose a token write to another token write: the value still changes.
-3. Two readers sealing one bucket each write a consistent (token, counts) pair.
+2. A seal is computed from data read after its token T was read: a bucket's token
+   (in its parent's collection) is read before its children's tokens and seals (in its
+   own), and those before the raw documents. A document that landed in the bucket and
+   is missing from what was read has its token write on the bucket still to come,
+   which replaces T for good (no token value is written twice), so the seal is never
+   trusted again. Tokens and seals are separate documents, so a writer's token write
+   and a reader's seal write never overwrite each other; two writers racing on a token
+   can only lose a token write to another token write, and the value still changes.
+3. Two readers sealing the same bucket each write a consistent (token, counts) pair.
 Counts are never incremented, so no increment can be lost. An answer can lag the raw
 documents only while a batch sits between its insert and its token writes.
 """
@@ -37,16 +43,16 @@ from pymongo import ReplaceOne, UpdateOne
 from pymongo.errors import BulkWriteError
 
 LEVELS = (("minute", 60), ("hour", 3600), ("day", 86400), ("span", 32 * 86400))
-MINUTE, TOP = 0, len(LEVELS) - 1
+MINUTE, TOP = 0, 3
 STATUSES = 7
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-# Keys sort by time within a level: a fixed width, and an offset that keeps year 1 positive.
-KEY_OFFSET = 10**11
+KEY_OFFSET = 10**11  # keeps the bucket numbers of year 1 positive
 DUPLICATE_KEY = 11000
+EMPTY = {"total": [0] * STATUSES, "parts": {}}
 
 
-def key(level, index):
-    return f"{LEVELS[level][0]}:{index + KEY_OFFSET:012d}"
+def bucket_name(level, index):
+    return f"{LEVELS[level][0]}_{index + KEY_OFFSET}"
 
 
 def epoch_seconds(moment):
@@ -55,12 +61,31 @@ def epoch_seconds(moment):
     return (moment - EPOCH) // timedelta(seconds=1)
 
 
-def tokens_of(collection):
-    return collection.database[collection.name + "_tokens"]
+def children_of(collection, level, index):
+    """The collection that holds the tokens and seals of the children of one bucket (None: the spans)."""
+    if level is None:
+        return collection.database[f"{collection.name}_rollup_all"]
+    return collection.database[f"{collection.name}_rollup_{bucket_name(level, index)}"]
 
 
-def seals_of(collection):
-    return collection.database[collection.name + "_seals"]
+def home_of(collection, level, index):
+    """The collection that holds one bucket's token and seal: its parent's."""
+    if level == TOP:
+        return children_of(collection, None, None)
+    ratio = LEVELS[level + 1][1] // LEVELS[level][1]
+    return children_of(collection, level + 1, index // ratio)
+
+
+def _upsert_all(target, documents_by_id):
+    """Write documents whole; an upsert race on a new _id is retried, since the _id exists now."""
+    while True:
+        try:
+            target.bulk_write([ReplaceOne({"_id": _id}, document, upsert=True)
+                               for _id, document in documents_by_id.items()], ordered=True)
+            return
+        except BulkWriteError as error:
+            if any(e["code"] != DUPLICATE_KEY for e in error.details["writeErrors"]):
+                raise
 
 
 # -- writer side (server.py) ------------------------------------------------------
@@ -68,17 +93,20 @@ def seals_of(collection):
 def touch(collection, documents):
     """Invalidate every bucket the documents fall in; call after inserting them, before acknowledging."""
     seconds = {epoch_seconds(document["timestamp"]) for document in documents}
-    buckets = [key(level, index) for level, (_, size) in enumerate(LEVELS)
-               for index in sorted({second // size for second in seconds})]
-    while buckets:
-        updates = [UpdateOne({"_id": bucket}, {"$set": {"token": uuid.uuid4().hex}}, upsert=True) for bucket in buckets]
-        try:
-            tokens_of(collection).bulk_write(updates, ordered=True)
-            return
-        except BulkWriteError as error:
-            # Two upserts of a new key can race; the key exists now, so write them all again.
-            if any(e["code"] != DUPLICATE_KEY for e in error.details["writeErrors"]):
-                raise
+    for level, (_, size) in enumerate(LEVELS):  # minutes first: see the argument above
+        by_home = {}
+        for index in sorted({second // size for second in seconds}):
+            by_home.setdefault(home_of(collection, level, index).name, {})[f"token:{bucket_name(level, index)}"] = index
+        for name, tokens in by_home.items():
+            target = collection.database[name]
+            while True:
+                try:
+                    target.bulk_write([UpdateOne({"_id": _id}, {"$set": {"token": uuid.uuid4().hex}}, upsert=True)
+                                       for _id in tokens], ordered=True)
+                    break
+                except BulkWriteError as error:  # a racing upsert created the _id: write a fresh token again
+                    if any(e["code"] != DUPLICATE_KEY for e in error.details["writeErrors"]):
+                        raise
 
 
 # -- reader side (api.py) ---------------------------------------------------------
@@ -107,14 +135,9 @@ def count(collection, start, end):
     return counts
 
 
-EMPTY = {"total": [0] * STATUSES, "parts": {}}
-
-
 class _Reader:
     def __init__(self, collection):
         self._raw = collection
-        self._tokens = tokens_of(collection)
-        self._seals = seals_of(collection)
 
     def count(self, low, high):
         """Counts for whole seconds [low, high)."""
@@ -148,55 +171,61 @@ class _Reader:
                 self._add_part(level - 1, child, low, high, counts)
 
     def _seal(self, level, index):
-        bucket = key(level, index)
-        token = self._tokens.find_one({"_id": bucket})
+        home = home_of(self._raw, level, index)
+        name = bucket_name(level, index)
+        token = home.find_one({"_id": f"token:{name}"})
         if token is None:
             return EMPTY  # no document ever landed in it
-        seal = self._seals.find_one({"_id": bucket})
+        seal = home.find_one({"_id": f"seal:{name}"})
         if seal is not None and seal["token"] == token["token"]:
             return seal
         return self._reseal(level, index, token["token"])
 
     def _reseal(self, level, index, token):
-        """Compute the bucket and every stale bucket below it, bottom-up, and seal them."""
-        stale = {level: {index: token}}
-        current = {}  # (level, index) -> trusted seal
-        ratio = 1
-        for child_level in range(level - 1, MINUTE - 1, -1):  # top-down: parents' tokens first
-            ratio *= LEVELS[child_level + 1][1] // LEVELS[child_level][1]
-            first, last = key(child_level, index * ratio), key(child_level, (index + 1) * ratio - 1)
-            in_span = {"_id": {"$gte": first, "$lte": last}}
-            tokens = {doc["_id"]: doc["token"] for doc in self._tokens.find(in_span)}
-            seals = {doc["_id"]: doc for doc in self._seals.find(in_span)}
-            for child in range(index * ratio, (index + 1) * ratio):
-                child_key = key(child_level, child)
-                if child_key not in tokens:
-                    continue
-                seal = seals.get(child_key)
-                if seal is not None and seal["token"] == tokens[child_key]:
-                    current[(child_level, child)] = seal
-                else:
-                    stale.setdefault(child_level, {})[child] = tokens[child_key]
-        computed = self._seal_minutes(stale.get(MINUTE, {}))
+        """Compute the bucket and every stale bucket below it, and seal them bottom-up."""
+        stale = {}  # (level, index) -> token it is computed under
+        trusted = {}  # (level, index) -> its current seal
+        self._find_stale(level, index, token, stale, trusted)
+        computed = self._seal_minutes({i: t for (l, i), t in stale.items() if l == MINUTE})
         for stale_level in range(MINUTE + 1, level + 1):
-            child_ratio = LEVELS[stale_level][1] // LEVELS[stale_level - 1][1]
-            for bucket, bucket_token in stale.get(stale_level, {}).items():
-                parts = {}
-                for offset in range(child_ratio):
-                    child = (stale_level - 1, bucket * child_ratio + offset)
-                    seal = computed.get(child) or current.get(child)
-                    if seal is not None and any(seal["total"]):
-                        parts[str(offset)] = seal["total"]
-                computed[(stale_level, bucket)] = _seal_document(bucket_token, parts)
-        writes = [ReplaceOne({"_id": key(*node)}, seal, upsert=True) for node, seal in computed.items()]
-        try:
-            self._seals.bulk_write(writes, ordered=False)
-        except BulkWriteError as error:  # another reader sealed one first: its pair is as good
-            if any(e["code"] != DUPLICATE_KEY for e in error.details["writeErrors"]):
-                raise
+            ratio = LEVELS[stale_level][1] // LEVELS[stale_level - 1][1]
+            for (node_level, bucket), bucket_token in stale.items():
+                if node_level == stale_level:
+                    parts = {}
+                    for offset in range(ratio):
+                        child = (stale_level - 1, bucket * ratio + offset)
+                        seal = computed.get(child) or trusted.get(child)
+                        if seal is not None and any(seal["total"]):
+                            parts[str(offset)] = seal["total"]
+                    computed[(stale_level, bucket)] = _seal_document(bucket_token, parts)
+        by_home = {}
+        for (node_level, bucket), seal in computed.items():
+            home = home_of(self._raw, node_level, bucket).name
+            by_home.setdefault(home, {})[f"seal:{bucket_name(node_level, bucket)}"] = seal
+        for home, seals in by_home.items():
+            _upsert_all(self._raw.database[home], seals)
         return computed[(level, index)]
 
+    def _find_stale(self, level, index, token, stale, trusted):
+        """Top-down: this bucket's token was read; now its children's tokens and seals, then theirs."""
+        stale[(level, index)] = token
+        if level == MINUTE:
+            return
+        documents = {d["_id"]: d for d in children_of(self._raw, level, index).find()}
+        ratio = LEVELS[level][1] // LEVELS[level - 1][1]
+        for child in range(index * ratio, (index + 1) * ratio):
+            name = bucket_name(level - 1, child)
+            child_token = documents.get(f"token:{name}")
+            if child_token is None:
+                continue
+            seal = documents.get(f"seal:{name}")
+            if seal is not None and seal["token"] == child_token["token"]:
+                trusted[(level - 1, child)] = seal
+            else:
+                self._find_stale(level - 1, child, child_token["token"], stale, trusted)
+
     def _seal_minutes(self, stale_minutes):
+        """One read of the raw documents for all the stale minutes."""
         if not stale_minutes:
             return {}
         first, last = min(stale_minutes), max(stale_minutes)

@@ -1,0 +1,125 @@
+"""Query benchmark: /status-count's rollups against the naive aggregation, on the same data.
+
+    .venv/bin/python bench/query.py                    # 1,000,000 messages over 30 days (make bench)
+    .venv/bin/python bench/query.py --messages 20000 --queries 10   # quick
+
+Loads the messages as server.py writes them (insert_many of 1,000, then the rollup
+token writes), then times a mix of ranges (30 days, 7 days with unaligned second
+bounds, 1 hour, 1 minute, empty) through rollups.count, and the single naive
+aggregation over the raw documents for each; every answer is checked against it.
+The first pass seals the buckets (the warm-up, timed on its own). Prints a table and
+writes bench/results/query.json.
+"""
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pymongo  # noqa: E402
+
+import config  # noqa: E402
+import rollups  # noqa: E402
+
+END = datetime(2026, 11, 1, tzinfo=timezone.utc)
+DAYS = 30
+
+
+def load(collection, count):
+    started = time.perf_counter()
+    step = DAYS * 86400 / count
+    for first in range(0, count, 1000):
+        documents = [{"_id": f"m{index}", "status": index % 7,
+                      "timestamp": END - timedelta(days=DAYS) + timedelta(seconds=round(index * step, 3)),
+                      "received_at": END}
+                     for index in range(first, min(first + 1000, count))]
+        collection.insert_many(documents, ordered=False)
+        rollups.touch(collection, documents)
+    collection.create_index("timestamp")
+    return time.perf_counter() - started
+
+
+def mix(rng, queries):
+    """(kind, start, end) ranges inside the data, whole seconds."""
+    start_of_data = END - timedelta(days=DAYS)
+    kinds = {"30 days": timedelta(days=30), "7 days unaligned": timedelta(days=7, seconds=3601 + 17),
+             "1 hour": timedelta(hours=1), "1 minute": timedelta(minutes=1), "empty": timedelta(0)}
+    ranges = []
+    for index in range(queries):
+        kind = list(kinds)[index % len(kinds)]
+        length = kinds[kind]
+        room = int((END - start_of_data - length).total_seconds())
+        start = start_of_data + timedelta(seconds=rng.randrange(max(room, 1)) + (0 if kind == "30 days" else 7))
+        ranges.append((kind, start, start + length))
+    return ranges
+
+
+def percentile(values, fraction):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * fraction))]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=50, help="ranges in the mix, each also run naively")
+    parser.add_argument("--output", default=str(ROOT / "bench/results/query.json"))
+    args = parser.parse_args()
+    (ROOT / "bench/results").mkdir(parents=True, exist_ok=True)
+    mongo = pymongo.MongoClient(config.MONGO_URI, tz_aware=True)
+    database = mongo[f"bench_query_{uuid.uuid4().hex[:8]}"]
+    collection = database["status"]
+    try:
+        load_seconds = load(collection, args.messages)
+        ranges = mix(random.Random(7), args.queries)
+        warm_up, rollup_ms, naive_ms, by_kind = [], [], [], {}
+        for kind, start, end in ranges:  # first pass: seals what each range needs
+            began = time.perf_counter()
+            rollups.count(collection, start, end)
+            warm_up.append((time.perf_counter() - began) * 1000)
+        for kind, start, end in ranges:
+            began = time.perf_counter()
+            answer = rollups.count(collection, start, end)
+            elapsed = (time.perf_counter() - began) * 1000
+            began = time.perf_counter()
+            expected = rollups.raw_counts(collection, start, end)
+            naive_ms.append((time.perf_counter() - began) * 1000)
+            if answer != expected:
+                raise SystemExit(f"wrong answer for {kind} {start}..{end}: {answer} != {expected}")
+            rollup_ms.append(elapsed)
+            by_kind.setdefault(kind, []).append(elapsed)
+    finally:
+        mongo.drop_database(database.name)
+
+    result = {
+        "machine": {"cores": os.cpu_count(), "store": mongo.server_info().get("version")},
+        "messages": args.messages, "days": DAYS, "queries": len(ranges), "load_seconds": round(load_seconds, 1),
+        "warm_up_ms": {"total": round(sum(warm_up)), "max": round(max(warm_up))},
+        "rollups_ms": {"p50": round(percentile(rollup_ms, 0.5), 2), "p99": round(percentile(rollup_ms, 0.99), 2)},
+        "naive_ms": {"p50": round(percentile(naive_ms, 0.5), 1), "p99": round(percentile(naive_ms, 0.99), 1)},
+        "p50_speedup": round(percentile(naive_ms, 0.5) / percentile(rollup_ms, 0.5)),
+        "rollups_p50_ms_by_kind": {kind: round(statistics.median(values), 2) for kind, values in by_kind.items()},
+        "all_answers_equal_naive": True,
+    }
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"query, {args.messages:,} messages over {DAYS} days, {len(ranges)} ranges, store {result['machine']['store']}")
+    print(f"{'':<28}{'p50 ms':>10}{'p99 ms':>10}")
+    print(f"{'rollups (sealed)':<28}{result['rollups_ms']['p50']:>10}{result['rollups_ms']['p99']:>10}")
+    print(f"{'naive aggregation':<28}{result['naive_ms']['p50']:>10}{result['naive_ms']['p99']:>10}")
+    print(f"p50 speed-up {result['p50_speedup']}x; every answer equal to the naive one")
+    print(f"warm-up (first pass, sealing): {result['warm_up_ms']['total']} ms in all; load {load_seconds:.0f} s")
+    print("rollups p50 by kind (ms): " + ", ".join(f"{k} {v}" for k, v in result["rollups_p50_ms_by_kind"].items()))
+    print(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
