@@ -73,13 +73,18 @@ def main():
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=50, help="ranges in the mix, each also run naively")
     parser.add_argument("--output", default=str(ROOT / "bench/results/query.json"))
+    parser.add_argument("--keep", metavar="DATABASE", help="load into (or reuse) this database and keep it")
     args = parser.parse_args()
     (ROOT / "bench/results").mkdir(parents=True, exist_ok=True)
     mongo = pymongo.MongoClient(config.MONGO_URI, tz_aware=True)
-    database = mongo[f"bench_query_{uuid.uuid4().hex[:8]}"]
+    database = mongo[args.keep or f"bench_query_{uuid.uuid4().hex[:8]}"]
     collection = database["status"]
     try:
-        load_seconds = load(collection, args.messages)
+        if args.keep and collection.estimated_document_count() == args.messages:
+            load_seconds = 0.0  # loaded by an earlier run
+        else:
+            mongo.drop_database(database.name)
+            load_seconds = load(collection, args.messages)
         ranges = mix(random.Random(7), args.queries)
         warm_up, rollup_ms, naive_ms, by_kind = [], [], [], {}
         for kind, start, end in ranges:  # first pass: seals what each range needs
@@ -98,7 +103,8 @@ def main():
             rollup_ms.append(elapsed)
             by_kind.setdefault(kind, []).append(elapsed)
     finally:
-        mongo.drop_database(database.name)
+        if not args.keep:
+            mongo.drop_database(database.name)
 
     result = {
         "machine": {"cores": os.cpu_count(), "store": mongo.server_info().get("version")},
