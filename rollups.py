@@ -125,6 +125,8 @@ def count(collection, start, end):
     """[count per status] with start <= timestamp < end, from seals where the bounds allow."""
     first_second = -(-(start - EPOCH) // timedelta(seconds=1))  # whole seconds inside the range
     last_second = epoch_seconds(end)
+    if start >= end:
+        return [0] * STATUSES
     if first_second >= last_second:
         return raw_counts(collection, start, end)
     counts = _Reader(collection).count(first_second, last_second)
