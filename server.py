@@ -42,7 +42,7 @@ BATCH_SIZE = 1000
 FLUSH_SECONDS = 0.05
 PREFETCH = 3 * BATCH_SIZE  # one batch being written, one waiting, one filling
 DUPLICATE_KEY = 11000
-SHUTDOWN_SECONDS = 10
+SHUTDOWN_SECONDS = 5
 
 
 class StatusServer:
