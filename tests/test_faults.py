@@ -81,14 +81,15 @@ def test_rabbitmq_restarted_while_client_and_server_run(pipeline):
 def test_mongodb_down_for_20_seconds_while_messages_arrive(pipeline):
     """Fault: the MongoDB-wire server stopped for 20 seconds while the client keeps publishing."""
     server = pipeline.start_server()
-    client = pipeline.start("client.py", "--count", 3000, "--interval", 0.01)
+    # 500 msg/s for 24 s: during the outage more arrive than the server's prefetch window holds.
+    client = pipeline.start("client.py", "--count", 12000, "--interval", 0.002)
     wait_until(lambda: pipeline.stored_count() >= 300, timeout=60, what="300 stored")
     services("down", "mongo")
     try:
         outage_ends = time.monotonic() + 20
         wait_until(lambda: "MongoDB unavailable" in pipeline.log(server), timeout=30, what="the server to notice")
         # The server holds at most its prefetch window; the rest waits in the queue.
-        wait_until(lambda: pipeline.queue_depth() > 0, timeout=30, what="messages to wait in the queue")
+        wait_until(lambda: pipeline.queue_depth() > 0, timeout=20, what="messages to wait in the queue")
         time.sleep(max(0.0, outage_ends - time.monotonic()))  # the outage lasts its 20 seconds
     finally:
         services("up", "mongo")
