@@ -42,9 +42,11 @@ from datetime import datetime, timedelta, timezone
 from pymongo import ReplaceOne, UpdateOne
 from pymongo.errors import BulkWriteError
 
+import messages
+
 LEVELS = (("minute", 60), ("hour", 3600), ("day", 86400), ("span", 32 * 86400))
 MINUTE, TOP = 0, 3
-STATUSES = 7
+STATUSES = len(messages.STATUSES)  # counts are lists indexed by status
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 KEY_OFFSET = 10**11  # keeps the bucket numbers of year 1 positive
 DUPLICATE_KEY = 11000
@@ -76,12 +78,12 @@ def home_of(collection, level, index):
     return children_of(collection, level + 1, index // ratio)
 
 
-def _upsert_all(target, documents_by_id):
-    """Write documents whole; an upsert race on a new _id is retried, since the _id exists now."""
+def _write_retrying(target, requests):
+    """Bulk-write `requests()` in order; an upsert that raced another on a new _id is
+    retried with fresh requests, since the _id exists now."""
     while True:
         try:
-            target.bulk_write([ReplaceOne({"_id": _id}, document, upsert=True)
-                               for _id, document in documents_by_id.items()], ordered=True)
+            target.bulk_write(requests(), ordered=True)
             return
         except BulkWriteError as error:
             if any(e["code"] != DUPLICATE_KEY for e in error.details["writeErrors"]):
@@ -98,15 +100,8 @@ def touch(collection, documents):
         for index in sorted({second // size for second in seconds}):
             by_home.setdefault(home_of(collection, level, index).name, {})[f"token:{bucket_name(level, index)}"] = index
         for name, tokens in by_home.items():
-            target = collection.database[name]
-            while True:
-                try:
-                    target.bulk_write([UpdateOne({"_id": _id}, {"$set": {"token": uuid.uuid4().hex}}, upsert=True)
-                                       for _id in tokens], ordered=True)
-                    break
-                except BulkWriteError as error:  # a racing upsert created the _id: write a fresh token again
-                    if any(e["code"] != DUPLICATE_KEY for e in error.details["writeErrors"]):
-                        raise
+            _write_retrying(collection.database[name], lambda: [
+                UpdateOne({"_id": _id}, {"$set": {"token": uuid.uuid4().hex}}, upsert=True) for _id in tokens])
 
 
 # -- reader side (api.py) ---------------------------------------------------------
@@ -205,7 +200,8 @@ class _Reader:
             home = home_of(self._raw, node_level, bucket).name
             by_home.setdefault(home, {})[f"seal:{bucket_name(node_level, bucket)}"] = seal
         for home, seals in by_home.items():
-            _upsert_all(self._raw.database[home], seals)
+            _write_retrying(self._raw.database[home], lambda: [
+                ReplaceOne({"_id": _id}, seal, upsert=True) for _id, seal in seals.items()])
         return computed[(level, index)]
 
     def _find_stale(self, level, index, token, stale, trusted):
