@@ -78,7 +78,7 @@ def _decode(body):
     except UnicodeDecodeError as error:
         raise InvalidMessage(f"body is not valid UTF-8 ({error.reason} at byte {error.start})") from None
     try:
-        fields = json.loads(text, parse_constant=_no_constant)
+        fields = _JSON.decode(text)
     except InvalidMessage:
         raise
     except (ValueError, RecursionError) as error:
@@ -105,6 +105,9 @@ def _check_keys(value):
 
 def _no_constant(name):
     raise InvalidMessage(f"body is not JSON ({name} is not a JSON number)")
+
+
+_JSON = json.JSONDecoder(parse_constant=_no_constant)  # json.loads(text, **options) would build one per call
 
 
 def _identifier(name, value):
