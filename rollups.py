@@ -39,8 +39,7 @@ documents only while a batch sits between its insert and its token writes.
 import uuid
 from datetime import datetime, timedelta, timezone
 
-from pymongo import ReplaceOne, UpdateOne
-from pymongo.errors import BulkWriteError
+from pymongo.errors import OperationFailure
 
 import messages
 
@@ -78,16 +77,17 @@ def home_of(collection, level, index):
     return children_of(collection, level + 1, index // ratio)
 
 
-def _write_retrying(target, requests):
-    """Bulk-write `requests()` in order; an upsert that raced another on a new _id is
-    retried with fresh requests, since the _id exists now."""
+def _upsert_all(target, statements):
+    """Run the update `statements()` in order, as one command; an upsert that raced another
+    on a new _id fails as a duplicate and runs again, since the _id exists now. A raw command,
+    because FerretDB 1.24 answers such a race without the counts pymongo's bulk API expects."""
     while True:
-        try:
-            target.bulk_write(requests(), ordered=True)
+        reply = target.database.command("update", target.name, updates=statements(), ordered=True)
+        errors = reply.get("writeErrors", [])
+        if "writeConcernError" in reply or any(e["code"] != DUPLICATE_KEY for e in errors):
+            raise OperationFailure(f"rollup write to {target.name} failed", details=reply)
+        if not errors:
             return
-        except BulkWriteError as error:
-            if any(e["code"] != DUPLICATE_KEY for e in error.details["writeErrors"]):
-                raise
 
 
 # -- writer side (server.py) ------------------------------------------------------
@@ -100,8 +100,8 @@ def touch(collection, documents):
         for index in sorted({second // size for second in seconds}):
             by_home.setdefault(home_of(collection, level, index).name, {})[f"token:{bucket_name(level, index)}"] = index
         for name, tokens in by_home.items():
-            _write_retrying(collection.database[name], lambda: [
-                UpdateOne({"_id": _id}, {"$set": {"token": uuid.uuid4().hex}}, upsert=True) for _id in tokens])
+            _upsert_all(collection.database[name], lambda: [
+                {"q": {"_id": _id}, "u": {"$set": {"token": uuid.uuid4().hex}}, "upsert": True} for _id in tokens])
 
 
 # -- reader side (api.py) ---------------------------------------------------------
@@ -200,8 +200,8 @@ class _Reader:
             home = home_of(self._raw, node_level, bucket).name
             by_home.setdefault(home, {})[f"seal:{bucket_name(node_level, bucket)}"] = seal
         for home, seals in by_home.items():
-            _write_retrying(self._raw.database[home], lambda: [
-                ReplaceOne({"_id": _id}, seal, upsert=True) for _id, seal in seals.items()])
+            _upsert_all(self._raw.database[home], lambda: [
+                {"q": {"_id": _id}, "u": seal, "upsert": True} for _id, seal in seals.items()])
         return computed[(level, index)]
 
     def _find_stale(self, level, index, token, stale, trusted):
