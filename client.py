@@ -354,7 +354,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.count is not None and args.count < 0 or args.interval < 0 or args.window < 1:
         parser.error("--count, --interval must not be negative and --window must be at least 1")
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")  # libraries: warnings only
+    LOG.setLevel(args.log_level)
     logging.getLogger("pika").setLevel(logging.CRITICAL)
 
     if args.transport == "mqtt":

@@ -40,7 +40,10 @@ REASON_HEADER = "x-rejected-reason"
 DELIVERY_LIMIT = 20
 BATCH_SIZE = 1000
 FLUSH_SECONDS = 0.05
-PREFETCH = 3 * BATCH_SIZE  # one batch being written, one waiting, one filling
+# A write spends most of its time waiting for MongoDB, so batches are written by several
+# threads at once; they are still acknowledged in the order they were received.
+WRITERS = 3
+PREFETCH = (2 * WRITERS + 1) * BATCH_SIZE  # batches being written, waiting, and one filling
 DUPLICATE_KEY = 11000
 SHUTDOWN_SECONDS = 5
 
@@ -61,9 +64,14 @@ class StatusServer:
         # Delivery tags belong to one connection: a batch written after its connection was
         # lost must not be acknowledged on the next one.
         self._generation = 0
-        self._to_write = queue.Queue(maxsize=1)
+        self._to_write = queue.Queue(maxsize=WRITERS)
         self._written = queue.Queue()
-        self._writing = 0  # batches of this generation handed to the writer, not yet acknowledged
+        self._writing = 0  # batches of this generation handed to the writers, not yet acknowledged
+        self._handed = 0  # sequence number of the next batch handed to the writers
+        self._next_to_acknowledge = 0
+        self._written_early = {}  # sequence -> (batch, failures): written before an earlier batch
+        self._failing_writers = 0  # writers retrying a failed write, to log an outage once
+        self._outage_lock = threading.Lock()
         self._stored = 0
         self._dead = 0
 
@@ -72,8 +80,9 @@ class StatusServer:
     def run(self):
         """Consume until stop(); reconnect to RabbitMQ whenever it goes away."""
         self._create_indexes()
-        writer = threading.Thread(target=self._write_batches, name="writer", daemon=True)
-        writer.start()
+        writers = [threading.Thread(target=self._write_batches, name=f"writer-{n}", daemon=True) for n in range(WRITERS)]
+        for writer in writers:
+            writer.start()
         delay = 1.0
         while not self._stopping:
             started = time.monotonic()
@@ -95,8 +104,11 @@ class StatusServer:
                 delay = 1.0  # a healthy run resets the backoff
             self._sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, 30.0)
-        self._to_write.put(None)
-        writer.join(timeout=SHUTDOWN_SECONDS)
+        deadline = time.monotonic() + SHUTDOWN_SECONDS
+        for writer in writers:
+            self._to_write.put(None)
+        for writer in writers:
+            writer.join(timeout=max(0.0, deadline - time.monotonic()))
         LOG.info("stopped: %d stored, %d dead-lettered", self._stored, self._dead)
 
     def _went_down(self, why):
@@ -212,37 +224,48 @@ class StatusServer:
 
     def _hand_to_writer(self):
         try:
-            self._to_write.put_nowait((self._generation, self._batch))
+            self._to_write.put_nowait((self._generation, self._handed, self._batch))
         except queue.Full:
-            return  # the writer is busy; the batch keeps growing, bounded by the prefetch window
+            return  # the writers are busy; the batch keeps growing, bounded by the prefetch window
+        self._handed += 1
         self._writing += 1
         self._batch = []
 
     def _acknowledge_written(self):
         while True:
             try:
-                generation, batch, failures = self._written.get_nowait()
+                generation, sequence, batch, failures = self._written.get_nowait()
             except queue.Empty:
                 return
             if generation != self._generation:
                 continue
-            self._writing -= 1
-            self._fault_hook("before-ack")
-            last_tag = None
-            for index, (method, properties, body, _) in enumerate(batch):
-                if index in failures:
-                    self._dead_letter(method, properties, body, failures[index])
-                else:
-                    last_tag = method.delivery_tag
-            if last_tag is not None:
-                self._channel.basic_ack(last_tag, multiple=True)
-            self._stored += len(batch) - len(failures)
+            self._written_early[sequence] = (batch, failures)
+            # One multiple ack covers every earlier delivery: never ack past a batch still being written.
+            while self._next_to_acknowledge in self._written_early:
+                self._acknowledge(*self._written_early.pop(self._next_to_acknowledge))
+                self._next_to_acknowledge += 1
+
+    def _acknowledge(self, batch, failures):
+        self._writing -= 1
+        self._fault_hook("before-ack")
+        last_tag = None
+        for index, (method, properties, body, _) in enumerate(batch):
+            if index in failures:
+                self._dead_letter(method, properties, body, failures[index])
+            else:
+                last_tag = method.delivery_tag
+        if last_tag is not None:
+            self._channel.basic_ack(last_tag, multiple=True)
+        self._stored += len(batch) - len(failures)
+        LOG.debug("stored %d messages (%d in all)", len(batch) - len(failures), self._stored)
 
     def _forget_unacknowledged(self):
         """After a lost connection the broker redelivers everything unacknowledged."""
         self._generation += 1
         self._batch = []
         self._writing = 0
+        self._handed = self._next_to_acknowledge = 0
+        self._written_early = {}
         self._connection = self._channel = None
 
     # -- writing (writer thread: the only one that touches MongoDB) -----------
@@ -260,16 +283,16 @@ class StatusServer:
             item = self._to_write.get()
             if item is None:
                 return
-            generation, batch = item
+            generation, sequence, batch = item
             if generation != self._generation:
                 continue  # its messages are on their way back from the broker
             failures = self._insert([document for *_, document in batch])
             self._fault_hook("after-write")
-            self._written.put((generation, batch, failures))
+            self._written.put((generation, sequence, batch, failures))
 
     def _insert(self, documents):
         """Write until MongoDB takes the documents; return {index: reason} for those it never will."""
-        delay, reported = 0.5, False
+        delay, failing = 0.5, False
         while True:
             try:
                 failures = self._insert_many(documents)
@@ -278,15 +301,22 @@ class StatusServer:
                     rollups.touch(self._collection, [d for i, d in enumerate(documents) if i not in failures])
             except PyMongoError as error:
                 failures = None
-                if not reported:
-                    LOG.warning("MongoDB unavailable (%s); holding %d messages and retrying", error, len(documents))
-                    reported = True
+                if not failing:
+                    failing = True
+                    self._writer_failing(+1, f"MongoDB unavailable ({error}); holding messages and retrying")
             if failures is not None:
-                if reported:
-                    LOG.info("MongoDB is back")
+                if failing:
+                    self._writer_failing(-1, "MongoDB is back")
                 return failures
             time.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, 10.0)
+
+    def _writer_failing(self, change, message):
+        """An outage is logged once when the first writer fails and once when the last recovers."""
+        with self._outage_lock:
+            self._failing_writers += change
+            if self._failing_writers == (1 if change > 0 else 0):
+                LOG.log(logging.WARNING if change > 0 else logging.INFO, message)
 
 
     def _insert_many(self, documents):
@@ -320,7 +350,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args()
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")  # libraries: warnings only
+    LOG.setLevel(args.log_level)
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # the server logs each transition itself
     mongo = pymongo.MongoClient(config.MONGO_URI, tz_aware=True, serverSelectionTimeoutMS=5000)
     server = StatusServer(mongo[config.MONGO_DB][config.MONGO_COLLECTION], fault_hook=_fault_hook_from_environment())

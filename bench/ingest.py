@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import threading
@@ -76,25 +77,64 @@ def timed(run):
     return time.perf_counter() - started
 
 
+class ServerProcess:
+    """server.py as a process, its progress read from its own log: it logs each batch
+    after the write and the ack. Polling the store instead would load it: on FerretDB
+    1.24 a count reads the whole collection."""
+
+    STORED = re.compile(rb"\((\d+) in all\)")
+
+    def __init__(self, log_name):
+        self.stored_at = [(time.perf_counter(), 0)]  # (when the line arrived, stored so far)
+        self._ready = threading.Event()
+        self._log = open(ROOT / "bench/results" / log_name, "wb")
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--log-level", "DEBUG"], cwd=ROOT,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(30):
+            raise SystemExit(f"server.py did not start; see bench/results/{log_name}")
+
+    def _read(self):
+        for line in self.process.stdout:
+            now = time.perf_counter()
+            self._log.write(line)
+            if b"consuming" in line:
+                self._ready.set()
+            found = self.STORED.search(line)
+            if found:
+                self.stored_at.append((now, int(found.group(1))))
+
+    def wait_stored(self, count, timeout):
+        deadline = time.perf_counter() + timeout
+        while self.stored_at[-1][1] < count:
+            if self.process.poll() is not None or time.perf_counter() > deadline:
+                raise SystemExit(f"server.py stored {self.stored_at[-1][1]} of {count}; see {self._log.name}")
+            time.sleep(0.005)
+        return self.stored_at[-1][0]
+
+    def stop(self):
+        """Peak RSS in MB."""
+        peak_kb = int(next(line.split()[1] for line in open(f"/proc/{self.process.pid}/status") if line.startswith("VmHWM")))
+        self.process.terminate()
+        self.process.wait(30)
+        self._reader.join(5)
+        self._log.close()
+        return peak_kb / 1024
+
+
 def run_server(mongo, count):
     """(a) server.py as a process; returns (seconds, peak RSS in MB)."""
     collection = fresh_collection(mongo)
-    log = open(ROOT / "bench/results/server.log", "wb")
-    process = subprocess.Popen([sys.executable, str(ROOT / "server.py")], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    server = ServerProcess("server.log")  # start-up is not measured
     try:
-        while b"consuming" not in (ROOT / "bench/results/server.log").read_bytes():  # start-up is not measured
-            time.sleep(0.01)
         started = time.perf_counter()
-        while collection.estimated_document_count() < count:
-            if process.poll() is not None:
-                raise SystemExit("server.py exited during the benchmark; see bench/results/server.log")
-            time.sleep(0.02)
-        seconds = time.perf_counter() - started
-        peak_kb = int(next(line.split()[1] for line in open(f"/proc/{process.pid}/status") if line.startswith("VmHWM")))
+        seconds = server.wait_stored(count, timeout=3600) - started
     finally:
-        process.terminate()
-        process.wait(30)
-    return seconds, peak_kb / 1024
+        peak_mb = server.stop()
+    if collection.estimated_document_count() != count:  # once, after the clock stopped
+        raise SystemExit(f"server.py reported {count} stored, the collection disagrees")
+    return seconds, peak_mb
 
 
 def drain_parse_only(count):
@@ -136,49 +176,31 @@ def drain_one_at_a_time(collection, count):
 
 
 def latency(mongo, rate, seconds):
-    """Publish to stored at a steady rate: p50 and p99 in ms, from server.py's stored counts."""
-    collection = fresh_collection(mongo)
-    log = open(ROOT / "bench/results/server-latency.log", "wb")
-    process = subprocess.Popen([sys.executable, str(ROOT / "server.py")], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    """Publish to stored at a steady rate: p50 and p99 in ms, from server.py's log of stored batches."""
+    fresh_collection(mongo)
     connection = connect()
     channel = connection.channel()
     StatusServer._declare_topology(channel)
-    while b"consuming" not in (ROOT / "bench/results/server-latency.log").read_bytes():  # start-up is not measured
-        time.sleep(0.05)
+    server = ServerProcess("server-latency.log")  # start-up is not measured
     total = int(rate * seconds)
-    stored_at = []  # (time, stored count), sampled every 5 ms
-    sampling = True
-
-    def sample():
-        while sampling:
-            stored_at.append((time.perf_counter(), collection.estimated_document_count()))
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
     published_at = []
-    started = time.perf_counter()
-    for index, body in enumerate(bodies(total)):
-        due = started + index / rate
-        while time.perf_counter() < due:
-            connection.sleep(min(0.001, max(0.0, due - time.perf_counter())))
-        channel.basic_publish(config.EXCHANGE, config.ROUTING_KEY, body, pika.BasicProperties(delivery_mode=2))
-        published_at.append(time.perf_counter())
-    deadline = time.perf_counter() + 30
-    while collection.estimated_document_count() < total and time.perf_counter() < deadline:
-        time.sleep(0.01)
-    sampling = False
-    sampler.join()
-    connection.close()
-    process.terminate()
-    process.wait(30)
+    try:
+        started = time.perf_counter()
+        for index, body in enumerate(bodies(total)):
+            due = started + index / rate
+            while time.perf_counter() < due:
+                connection.sleep(min(0.001, max(0.0, due - time.perf_counter())))
+            channel.basic_publish(config.EXCHANGE, config.ROUTING_KEY, body, pika.BasicProperties(delivery_mode=2))
+            published_at.append(time.perf_counter())
+        server.wait_stored(total, timeout=60)
+    finally:
+        server.stop()
+        connection.close()
     # One queue and one server keep publish order, so message k is stored once the count passes k.
-    delays, position = [], 0
+    stored_at, delays, position = server.stored_at, [], 0
     for index, sent in enumerate(published_at):
-        while position < len(stored_at) and stored_at[position][1] <= index:
+        while stored_at[position][1] <= index:
             position += 1
-        if position == len(stored_at):
-            raise SystemExit(f"only {stored_at[-1][1]} of {total} messages were stored")
         delays.append((stored_at[position][0] - sent) * 1000)
     delays.sort()
     return delays[len(delays) // 2], delays[int(len(delays) * 0.99)]
