@@ -286,6 +286,7 @@ class StatusServer:
             generation, sequence, batch = item
             if generation != self._generation:
                 continue  # its messages are on their way back from the broker
+            self._fault_hook("before-write", sequence)
             failures = self._insert([document for *_, document in batch])
             self._fault_hook("after-write")
             self._written.put((generation, sequence, batch, failures))
@@ -333,17 +334,23 @@ class StatusServer:
 
 def _fault_hook_from_environment():
     """For the fault tests: SERVER_CRASH_AT=after-write|before-ack|message:<message_id>
-    kills the process at that point, as a power cut or a fatal bug would."""
+    kills the process at that point, as a power cut or a fatal bug would;
+    SERVER_SLOW_FIRST_WRITE=<seconds> holds the first batch that long before its write,
+    as one slow answer from MongoDB would, while the other writers go on."""
     crash_at = os.environ.get("SERVER_CRASH_AT")
-    if not crash_at:
+    slow_first_write = float(os.environ.get("SERVER_SLOW_FIRST_WRITE", 0))
+    if not crash_at and not slow_first_write:
         return None
 
-    def crash(point, detail=None):
-        if point == crash_at or f"{point}:{detail}" == crash_at:
+    def fault(point, detail=None):
+        if crash_at and (point == crash_at or f"{point}:{detail}" == crash_at):
             LOG.error("crashing at %s (SERVER_CRASH_AT)", point)
             os._exit(70)
+        if point == "before-write" and detail == 0 and slow_first_write:
+            LOG.error("holding the first batch for %.0fs (SERVER_SLOW_FIRST_WRITE)", slow_first_write)
+            time.sleep(slow_first_write)
 
-    return crash
+    return fault
 
 
 def main():

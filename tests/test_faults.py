@@ -63,6 +63,22 @@ def test_server_killed_between_write_and_ack(pipeline, crash_at):
     assert pipeline.stored_count() == 2000
 
 
+def test_slow_batch_holds_back_the_acknowledgement_of_later_ones(pipeline):
+    """Fault: one batch's write hangs while the other writers store the batches after it,
+    then the server dies. A `multiple` ack of a later batch would have acknowledged the
+    hung one too, and its messages would be lost."""
+    server = pipeline.start_server(env={"SERVER_SLOW_FIRST_WRITE": "120"})
+    client = pipeline.run_client("--count", 3000, "--interval", 0)
+    wait_until(lambda: "holding the first batch" in pipeline.log(server), timeout=30, what="the first batch to hang")
+    first_batch = 1000  # at most BATCH_SIZE
+    wait_until(lambda: pipeline.stored_count() >= 3000 - first_batch, timeout=60, what="the later batches stored")
+    assert pipeline.stored_count() < 3000, "the hung batch was written"
+    server.kill()
+    server.wait()
+    pipeline.start_server()
+    assert_each_stored_once(pipeline, pipeline.confirmed_ids(client))
+
+
 def test_rabbitmq_restarted_while_client_and_server_run(pipeline):
     """Fault: RabbitMQ stopped and started again in the middle of a stream."""
     server = pipeline.start_server()

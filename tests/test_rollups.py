@@ -1,5 +1,6 @@
 """Rollup answers equal the raw aggregation: random messages, ranges, crash points, two writers."""
 
+import threading
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -101,3 +102,28 @@ def test_sealed_answers_read_few_documents(database):
     first, last = rollups.epoch_seconds(start), rollups.epoch_seconds(end)
     assert reader.count(first, last) == expected
     assert len(calls) <= 12
+
+
+def test_writers_racing_on_new_buckets(database):
+    """Several writer threads create the same buckets' tokens at once (FerretDB answers the
+    losing upserts with duplicate-key errors); every write still lands and counts stay exact."""
+    collection = database["status"]
+    failures = []
+
+    def writer(number):
+        try:
+            for batch in range(20):
+                documents = [{"_id": f"w{number}-{batch}-{i}", "status": i % 7,
+                              "timestamp": BASE + timedelta(minutes=batch, seconds=i)} for i in range(5)]
+                collection.insert_many(documents)
+                rollups.touch(collection, documents)
+        except Exception as error:  # noqa: BLE001 - reported below, with the thread that saw it
+            failures.append((number, error))
+
+    threads = [threading.Thread(target=writer, args=(number,)) for number in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == []
+    check(collection, -3600 * 1000, 3 * 3600 * 1000, True)
