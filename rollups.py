@@ -1,21 +1,25 @@
 """Exact status counts whose cost does not grow with the number of stored messages.
 
 Time is cut into buckets at four levels: minute, hour, day and span (32 days); each
-level's size divides the next. Every bucket has two small documents, kept in the
-collection of its parent bucket (`<collection>_rollup_hour_<n>` holds those of the
-60 minutes of hour n, and so on up to `<collection>_rollup_all` for the spans):
+level's size divides the next. Every bucket has two small documents, kept beside those
+of its siblings, under its parent bucket (`<collection>_rollup_hour_<n>` holds the
+tokens of the 60 minutes of hour n and `<collection>_rollup_hour_<n>_seals` their
+seals, and so on up to `<collection>_rollup_all` for the spans):
 
 - its token, `{_id: "token:<bucket>", token}`: after every batch it writes, the server
   sets a fresh random token on every bucket the batch touches, minutes first, then
   hours, days and spans (`touch`);
-- its seal, `{_id: "seal:<bucket>", token, total: [7 counts], parts: {child: [7]}}`:
+- its seal, `{_id: "seal:<bucket>", token, total: [7 counts], parts: "child:7 counts;..."}`:
   the bucket's counts computed under that token, written only by readers (`count`).
 
 A reader uses a seal only while its token is the bucket's current token; otherwise it
 computes the bucket again (from the raw documents for a minute, from its children's
 seals above that) and seals it under the token it read first. Collections stay small
-(at most 120 documents) because FerretDB 1.24 on SQLite finds even `{_id: value}` by
-scanning its table: every lookup and update costs the size of its collection.
+(at most 60 documents) because FerretDB 1.24 on SQLite finds even `{_id: value}` by
+scanning its table: every lookup and update costs the bytes of its collection. For the
+same reason tokens, which the server rewrites after every batch, are kept apart from the
+bigger seals, and a seal's parts are one string rather than a document of 60 fields
+(FerretDB stores a type schema beside every field: ten times the bytes).
 
 Why the answer is exact (no transactions, and last-writer-wins whole-document writes
 are all that is assumed, which is what FerretDB 1.24 offers):
@@ -24,8 +28,8 @@ are all that is assumed, which is what FerretDB 1.24 offers):
    between the insert and the token writes leaves the batch unacknowledged: its
    redelivery inserts duplicates (ignored) and repeats the token writes.
 2. A seal is computed from data read after its token T was read: a bucket's token
-   (in its parent's collection) is read before its children's tokens and seals (in its
-   own), and those before the raw documents. A document that landed in the bucket and
+   (kept under its parent) is read before its children's tokens and seals (kept under
+   it), and those before the raw documents. A document that landed in the bucket and
    is missing from what was read has its token write on the bucket still to come,
    which replaces T for good (no token value is written twice), so the seal is never
    trusted again. Tokens and seals are separate documents, so a writer's token write
@@ -50,6 +54,7 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 KEY_OFFSET = 10**11  # keeps the bucket numbers of year 1 positive
 DUPLICATE_KEY = 11000
 EMPTY = {"total": [0] * STATUSES, "parts": {}}
+TOKENS, SEALS = "", "_seals"  # collection name suffixes
 
 
 def bucket_name(level, index):
@@ -62,19 +67,18 @@ def epoch_seconds(moment):
     return (moment - EPOCH) // timedelta(seconds=1)
 
 
-def children_of(collection, level, index):
-    """The collection that holds the tokens and seals of the children of one bucket (None: the spans)."""
-    if level is None:
-        return collection.database[f"{collection.name}_rollup_all"]
-    return collection.database[f"{collection.name}_rollup_{bucket_name(level, index)}"]
+def children_of(collection, level, index, kind=TOKENS):
+    """The collection that holds the tokens (or seals) of the children of one bucket (level None: the spans)."""
+    parent = "all" if level is None else bucket_name(level, index)
+    return collection.database[f"{collection.name}_rollup_{parent}{kind}"]
 
 
-def home_of(collection, level, index):
-    """The collection that holds one bucket's token and seal: its parent's."""
+def home_of(collection, level, index, kind=TOKENS):
+    """The collection that holds one bucket's token (or seal): under its parent."""
     if level == TOP:
-        return children_of(collection, None, None)
+        return children_of(collection, None, None, kind)
     ratio = LEVELS[level + 1][1] // LEVELS[level][1]
-    return children_of(collection, level + 1, index // ratio)
+    return children_of(collection, level + 1, index // ratio, kind)
 
 
 def _upsert_all(target, statements):
@@ -168,14 +172,13 @@ class _Reader:
                 self._add_part(level - 1, child, low, high, counts)
 
     def _seal(self, level, index):
-        home = home_of(self._raw, level, index)
         name = bucket_name(level, index)
-        token = home.find_one({"_id": f"token:{name}"})
+        token = home_of(self._raw, level, index).find_one({"_id": f"token:{name}"})
         if token is None:
             return EMPTY  # no document ever landed in it
-        seal = home.find_one({"_id": f"seal:{name}"})
+        seal = home_of(self._raw, level, index, SEALS).find_one({"_id": f"seal:{name}"})
         if seal is not None and seal["token"] == token["token"]:
-            return seal
+            return dict(seal, parts=_decode_parts(seal["parts"]))
         return self._reseal(level, index, token["token"])
 
     def _reseal(self, level, index, token):
@@ -197,11 +200,12 @@ class _Reader:
                     computed[(stale_level, bucket)] = _seal_document(bucket_token, parts)
         by_home = {}
         for (node_level, bucket), seal in computed.items():
-            home = home_of(self._raw, node_level, bucket).name
+            home = home_of(self._raw, node_level, bucket, SEALS).name
             by_home.setdefault(home, {})[f"seal:{bucket_name(node_level, bucket)}"] = seal
         for home, seals in by_home.items():
             _upsert_all(self._raw.database[home], lambda: [
-                {"q": {"_id": _id}, "u": seal, "upsert": True} for _id, seal in seals.items()])
+                {"q": {"_id": _id}, "u": dict(seal, parts=_encode_parts(seal["parts"])), "upsert": True}
+                for _id, seal in seals.items()])
         return computed[(level, index)]
 
     def _find_stale(self, level, index, token, stale, trusted):
@@ -210,6 +214,7 @@ class _Reader:
         if level == MINUTE:
             return
         documents = {d["_id"]: d for d in children_of(self._raw, level, index).find()}
+        documents.update((d["_id"], d) for d in children_of(self._raw, level, index, SEALS).find({}, {"parts": 0}))
         ratio = LEVELS[level][1] // LEVELS[level - 1][1]
         for child in range(index * ratio, (index + 1) * ratio):
             name = bucket_name(level - 1, child)
@@ -235,6 +240,16 @@ class _Reader:
             if per_second is not None:
                 per_second.setdefault(str(second % 60), [0] * STATUSES)[document["status"]] += 1
         return {(MINUTE, minute): _seal_document(stale_minutes[minute], seconds[minute]) for minute in stale_minutes}
+
+
+def _encode_parts(parts):
+    """{"offset": [7 counts]} -> "offset:c0,...,c6;..." """
+    return ";".join(f"{offset}:{','.join(map(str, counts))}" for offset, counts in parts.items())
+
+
+def _decode_parts(text):
+    pairs = (part.split(":") for part in text.split(";") if part)
+    return {offset: [int(count) for count in counts.split(",")] for offset, counts in pairs}
 
 
 def _seal_document(token, parts):
