@@ -77,6 +77,8 @@ def _decode(body):
         text = body.decode("utf-8")
     except UnicodeDecodeError as error:
         raise InvalidMessage(f"body is not valid UTF-8 ({error.reason} at byte {error.start})") from None
+    if text.startswith("\ufeff"):  # json.loads would say so; the decoder it wraps does not
+        raise InvalidMessage("body is not JSON (it starts with a UTF-8 byte order mark)")
     try:
         fields = _JSON.decode(text)
     except InvalidMessage:

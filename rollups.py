@@ -85,8 +85,9 @@ def _upsert_all(target, statements):
     """Run the update `statements()` in order, as one command; an upsert that raced another
     on a new _id fails as a duplicate and runs again, since the _id exists now. A raw command,
     because FerretDB 1.24 answers such a race without the counts pymongo's bulk API expects."""
+    concern = {"writeConcern": target.write_concern.document} if target.write_concern.document else {}
     while True:
-        reply = target.database.command("update", target.name, updates=statements(), ordered=True)
+        reply = target.database.command("update", target.name, updates=statements(), ordered=True, **concern)
         errors = reply.get("writeErrors", [])
         if "writeConcernError" in reply or any(e["code"] != DUPLICATE_KEY for e in errors):
             raise OperationFailure(f"rollup write to {target.name} failed", details=reply)

@@ -71,6 +71,7 @@ class StatusServer:
         self._next_to_acknowledge = 0
         self._written_early = {}  # sequence -> (batch, failures): written before an earlier batch
         self._failing_writers = 0  # writers retrying a failed write, to log an outage once
+        self._recovered_at = float("-inf")  # when the last outage ended
         self._outage_lock = threading.Lock()
         self._stored = 0
         self._dead = 0
@@ -105,8 +106,10 @@ class StatusServer:
             self._sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, 30.0)
         deadline = time.monotonic() + SHUTDOWN_SECONDS
+        while not self._to_write.empty():  # unacknowledged anyway: they will be redelivered
+            self._to_write.get_nowait()
         for writer in writers:
-            self._to_write.put(None)
+            self._to_write.put_nowait(None)
         for writer in writers:
             writer.join(timeout=max(0.0, deadline - time.monotonic()))
         LOG.info("stopped: %d stored, %d dead-lettered", self._stored, self._dead)
@@ -286,7 +289,7 @@ class StatusServer:
             generation, sequence, batch = item
             if generation != self._generation:
                 continue  # its messages are on their way back from the broker
-            self._fault_hook("before-write", sequence)
+            self._fault_hook("before-write", (sequence, len(batch)))
             failures = self._insert([document for *_, document in batch])
             self._fault_hook("after-write")
             self._written.put((generation, sequence, batch, failures))
@@ -295,6 +298,7 @@ class StatusServer:
         """Write until MongoDB takes the documents; return {index: reason} for those it never will."""
         delay, failing = 0.5, False
         while True:
+            attempt_started = time.monotonic()
             try:
                 failures = self._insert_many(documents)
                 if failures is not None:
@@ -302,7 +306,7 @@ class StatusServer:
                     rollups.touch(self._collection, [d for i, d in enumerate(documents) if i not in failures])
             except PyMongoError as error:
                 failures = None
-                if not failing:
+                if not failing and attempt_started > self._recovered_at:  # else: the outage that just ended
                     failing = True
                     self._writer_failing(+1, f"MongoDB unavailable ({error}); holding messages and retrying")
             if failures is not None:
@@ -318,6 +322,8 @@ class StatusServer:
             self._failing_writers += change
             if self._failing_writers == (1 if change > 0 else 0):
                 LOG.log(logging.WARNING if change > 0 else logging.INFO, message)
+            if self._failing_writers == 0:
+                self._recovered_at = time.monotonic()
 
 
     def _insert_many(self, documents):
@@ -338,7 +344,7 @@ def _fault_hook_from_environment():
     SERVER_SLOW_FIRST_WRITE=<seconds> holds the first batch that long before its write,
     as one slow answer from MongoDB would, while the other writers go on."""
     crash_at = os.environ.get("SERVER_CRASH_AT")
-    slow_first_write = float(os.environ.get("SERVER_SLOW_FIRST_WRITE", 0))
+    slow_first_write = float(os.environ.get("SERVER_SLOW_FIRST_WRITE") or 0)
     if not crash_at and not slow_first_write:
         return None
 
@@ -346,8 +352,9 @@ def _fault_hook_from_environment():
         if crash_at and (point == crash_at or f"{point}:{detail}" == crash_at):
             LOG.error("crashing at %s (SERVER_CRASH_AT)", point)
             os._exit(70)
-        if point == "before-write" and detail == 0 and slow_first_write:
-            LOG.error("holding the first batch for %.0fs (SERVER_SLOW_FIRST_WRITE)", slow_first_write)
+        if point == "before-write" and detail[0] == 0 and slow_first_write:
+            LOG.error("holding the first batch of %d messages for %.0fs (SERVER_SLOW_FIRST_WRITE)",
+                      detail[1], slow_first_write)
             time.sleep(slow_first_write)
 
     return fault

@@ -18,6 +18,7 @@ def body(**fields):
 # name: (body, words the reason must hold)
 BAD_MESSAGES = {
     "not-json": (b"status=3", "not JSON"),
+    "byte-order-mark": (b'\xef\xbb\xbf{"status": 3}', "byte order mark"),
     "invalid-utf8": (b'{"status": 3, "device_id": "\xff\xfe"}', "UTF-8"),
     "array": (b"[3]", "array"),
     "string": (b'"3"', "string"),
