@@ -103,7 +103,7 @@ def touch(collection, documents):
     for level, (_, size) in enumerate(LEVELS):  # minutes first: see the argument above
         by_home = {}
         for index in sorted({second // size for second in seconds}):
-            by_home.setdefault(home_of(collection, level, index).name, {})[f"token:{bucket_name(level, index)}"] = index
+            by_home.setdefault(home_of(collection, level, index).name, []).append(f"token:{bucket_name(level, index)}")
         for name, tokens in by_home.items():
             _upsert_all(collection.database[name], lambda: [
                 {"q": {"_id": _id}, "u": {"$set": {"token": uuid.uuid4().hex}}, "upsert": True} for _id in tokens])

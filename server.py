@@ -4,7 +4,7 @@
 
 The queue is durable and named, so nothing published while the server is down
 is lost, and several servers share its work. Messages are written in batches by
-a writer thread and acknowledged (one `multiple` ack per batch) only after the
+writer threads and acknowledged (one `multiple` ack per batch) only after the
 write, so a crash anywhere means redelivery, never loss; a redelivered message
 is stored once because its message_id is the document's _id. An invalid message
 goes to the dead-letter queue with its reason and is never retried.
@@ -59,15 +59,14 @@ class StatusServer:
         self._down_since = None  # when RabbitMQ went away, to log the outage once
         self._connection = None
         self._channel = None
-        self._batch = []  # [(method, properties, body, document)] not yet handed to the writer
+        self._batch = []  # [(method, properties, body, document)] not yet handed to the writers
         self._batch_started = 0.0
         # Delivery tags belong to one connection: a batch written after its connection was
         # lost must not be acknowledged on the next one.
         self._generation = 0
         self._to_write = queue.Queue(maxsize=WRITERS)
         self._written = queue.Queue()
-        self._writing = 0  # batches of this generation handed to the writers, not yet acknowledged
-        self._handed = 0  # sequence number of the next batch handed to the writers
+        self._handed = 0  # batches of this generation handed to the writers (the next one's sequence number)
         self._next_to_acknowledge = 0
         self._written_early = {}  # sequence -> (batch, failures): written before an earlier batch
         self._failing_writers = 0  # writers retrying a failed write, to log an outage once
@@ -178,7 +177,7 @@ class StatusServer:
         cancelled = False
         shutdown_deadline = None
         while True:
-            self._connection.process_data_events(time_limit=0.01 if self._writing or self._batch else 0.25)
+            self._connection.process_data_events(time_limit=0.01 if self._unacknowledged() or self._batch else 0.25)
             self._acknowledge_written()
             if self._stopping and not cancelled:
                 self._channel.basic_cancel(tag)
@@ -187,7 +186,7 @@ class StatusServer:
             if self._batch and (cancelled or len(self._batch) >= BATCH_SIZE
                                 or time.monotonic() - self._batch_started >= FLUSH_SECONDS):
                 self._hand_to_writer()
-            if cancelled and not self._batch and not self._writing:
+            if cancelled and not self._batch and not self._unacknowledged():
                 self._connection.close()
                 return
             if cancelled and time.monotonic() > shutdown_deadline:
@@ -231,7 +230,6 @@ class StatusServer:
         except queue.Full:
             return  # the writers are busy; the batch keeps growing, bounded by the prefetch window
         self._handed += 1
-        self._writing += 1
         self._batch = []
 
     def _acknowledge_written(self):
@@ -249,7 +247,6 @@ class StatusServer:
                 self._next_to_acknowledge += 1
 
     def _acknowledge(self, batch, failures):
-        self._writing -= 1
         self._fault_hook("before-ack")
         last_tag = None
         for index, (method, properties, body, _) in enumerate(batch):
@@ -262,16 +259,19 @@ class StatusServer:
         self._stored += len(batch) - len(failures)
         LOG.debug("stored %d messages (%d in all)", len(batch) - len(failures), self._stored)
 
+    def _unacknowledged(self):
+        """Batches of this connection handed to the writers and not acknowledged yet."""
+        return self._handed - self._next_to_acknowledge
+
     def _forget_unacknowledged(self):
         """After a lost connection the broker redelivers everything unacknowledged."""
         self._generation += 1
         self._batch = []
-        self._writing = 0
         self._handed = self._next_to_acknowledge = 0
         self._written_early = {}
         self._connection = self._channel = None
 
-    # -- writing (writer thread: the only one that touches MongoDB) -----------
+    # -- writing (writer threads: the only ones that touch MongoDB) -----------
 
     def _write_batches(self):
         try:
@@ -324,7 +324,6 @@ class StatusServer:
                 LOG.log(logging.WARNING if change > 0 else logging.INFO, message)
             if self._failing_writers == 0:
                 self._recovered_at = time.monotonic()
-
 
     def _insert_many(self, documents):
         """{index: reason} for the documents MongoDB refused; None when the whole write must be retried."""

@@ -76,11 +76,11 @@ def one_pass(collection, ranges):
         times[document["status"]].append((document["timestamp"] - rollups.EPOCH) // timedelta(milliseconds=1))
     for values in times:
         values.sort()
-    answers = [sum(map(len, times))]
+    answers = []
     for _, start, end in ranges:
         low, high = ((moment - rollups.EPOCH) // timedelta(milliseconds=1) for moment in (start, end))
         answers.append([bisect.bisect_left(values, high) - bisect.bisect_left(values, low) for values in times])
-    return answers[0], answers[1:]
+    return sum(map(len, times)), answers
 
 
 def store_name(mongo):
