@@ -4,7 +4,8 @@
     .venv/bin/python bench/ingest.py --messages 5000 --baseline-messages 1000   # quick
 
 Each consumer drains the same pre-loaded queue (the same message bodies, loaded
-again before each run, loading not timed):
+again before each run, loading not timed). The machine is shared and its speed drifts,
+so (a), (b) and (c) run in turn for --rounds rounds and each reports its median:
   (a) server.py, as shipped;
   (b) the broker's ceiling: a consumer that only parses JSON and acknowledges;
   (c) the store's ceiling: plain insert_many of the same documents, 1,000 at a time;
@@ -19,6 +20,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -225,6 +227,7 @@ def main():
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--baseline-messages", type=int, default=20_000,
                         help="the one-at-a-time baseline is slow: it drains this many")
+    parser.add_argument("--rounds", type=int, default=3, help="(a), (b) and (c) run in turn this many times")
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--backlog", type=int, default=1_000_000, help="drained once for server.py's peak memory")
     parser.add_argument("--output", default=str(ROOT / "bench/results/ingest.json"))
@@ -235,19 +238,22 @@ def main():
     messages = bodies(count)
     documents = [to_document(body) for body in messages]
 
-    rates, cpu_us = {}, {}  # msg/s; busy CPU microseconds of the whole machine per message
+    runs = {}  # name -> [(msg/s, busy CPU microseconds of the whole machine per message)], one per round
 
     def record(name, messages_done, seconds, cpu_seconds):
-        rates[name], cpu_us[name] = messages_done / seconds, cpu_seconds / messages_done * 1e6
+        runs.setdefault(name, []).append((messages_done / seconds, cpu_seconds / messages_done * 1e6))
 
+    peak_mb = 0.0
     try:
-        preload(messages)
-        seconds, cpu_seconds, peak_mb = run_server(mongo, count)
-        record("a_server", count, seconds, cpu_seconds)
-        preload(messages)
-        record("b_broker_ceiling", count, *timed(lambda: drain_parse_only(count)))
-        collection = fresh_collection(mongo)
-        record("c_store_ceiling", count, *timed(lambda: insert_only(collection, [dict(d) for d in documents])))
+        for _ in range(args.rounds):
+            preload(messages)
+            seconds, cpu_seconds, round_peak_mb = run_server(mongo, count)
+            record("a_server", count, seconds, cpu_seconds)
+            peak_mb = max(peak_mb, round_peak_mb)
+            preload(messages)
+            record("b_broker_ceiling", count, *timed(lambda: drain_parse_only(count)))
+            collection = fresh_collection(mongo)
+            record("c_store_ceiling", count, *timed(lambda: insert_only(collection, [dict(d) for d in documents])))
         preload(messages[:baseline_count])
         collection = fresh_collection(mongo)
         record("d_one_at_a_time", baseline_count, *timed(lambda: drain_one_at_a_time(collection, baseline_count)))
@@ -264,6 +270,8 @@ def main():
         connection.close()
         mongo.drop_database(config.MONGO_DB)
 
+    rates = {name: statistics.median(rate for rate, _ in done) for name, done in runs.items()}
+    cpu_us = {name: statistics.median(cpu for _, cpu in done) for name, done in runs.items()}
     ceiling = min(rates["b_broker_ceiling"], rates["c_store_ceiling"])
     # (b) and (c) each ran alone; (a) does both jobs on the same cores, so it cannot beat
     # the rate at which the machine's CPU pays for (b) and (c) per message together.
@@ -271,8 +279,9 @@ def main():
     result = {
         "machine": {"cores": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
                     "python": platform.python_version(), "store": store_name(mongo)},
-        "messages": count, "baseline_messages": baseline_count,
+        "messages": count, "baseline_messages": baseline_count, "rounds": args.rounds,
         "rates_per_second": {name: round(rate) for name, rate in rates.items()},
+        "rates_per_second_by_round": {name: [round(rate) for rate, _ in done] for name, done in runs.items()},
         "server_vs_smaller_ceiling": round(rates["a_server"] / ceiling, 2),
         "server_vs_one_at_a_time": round(rates["a_server"] / rates["d_one_at_a_time"], 1),
         "machine_cpu_us_per_message": {name: round(value, 1) for name, value in cpu_us.items()},
@@ -284,12 +293,12 @@ def main():
         "latency_at_1000_per_second_ms": {"p50": round(p50, 1), "p99": round(p99, 1)},
     }
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"ingest, {count:,} messages ({baseline_count:,} for the baseline), {result['machine']}")
-    print(f"{'consumer':<44}{'msg/s':>10}{'CPU us/msg':>12}")
+    print(f"ingest, {count:,} messages ({baseline_count:,} for the baseline), median of {args.rounds} rounds, {result['machine']}")
+    print(f"{'consumer':<44}{'msg/s':>10}{'CPU us/msg':>12}  each round")
     labels = {"a_server": "(a) server.py", "b_broker_ceiling": "(b) parse + ack only (broker ceiling)",
               "c_store_ceiling": "(c) insert_many x1000 (store ceiling)", "d_one_at_a_time": "(d) insert_one + ack (baseline)"}
     for name, label in labels.items():
-        print(f"{label:<44}{rates[name]:>10,.0f}{cpu_us[name]:>12.0f}")
+        print(f"{label:<44}{rates[name]:>10,.0f}{cpu_us[name]:>12.0f}  {' '.join(f'{rate:,.0f}' for rate, _ in runs[name])}")
     print(f"(a) / min(b, c) = {result['server_vs_smaller_ceiling']:.2f}   (a) / (d) = {result['server_vs_one_at_a_time']:.1f}x")
     print(f"CPU us/msg counts every process on the machine. (b) + (c) together cost {cpu_us['b_broker_ceiling'] + cpu_us['c_store_ceiling']:.0f} us/msg: "
           f"{os.cpu_count()} cores pay for both jobs at {both_jobs:,.0f} msg/s at most; (a) = {result['server_vs_cpu_bound_for_both_jobs']:.2f} of that")
