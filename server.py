@@ -38,12 +38,15 @@ REASON_HEADER = "x-rejected-reason"
 # A message that kills the server before it is acknowledged comes back with a growing
 # delivery count; after this many deliveries the broker dead-letters it.
 DELIVERY_LIMIT = 20
-BATCH_SIZE = 1000
+BATCH_SIZE = 2000
 FLUSH_SECONDS = 0.05
 # A write spends most of its time waiting for MongoDB, so batches are written by several
 # threads at once; they are still acknowledged in the order they were received.
 WRITERS = 3
-PREFETCH = (2 * WRITERS + 1) * BATCH_SIZE  # batches being written, waiting, and one filling
+# The broker sends only while the window has room: besides the batches being written and
+# waiting, it holds one that keeps filling (past BATCH_SIZE while the writers are busy,
+# so a backlog is written in fewer, bigger batches) and the deliveries on their way.
+PREFETCH = 10 * BATCH_SIZE
 DUPLICATE_KEY = 11000
 SHUTDOWN_SECONDS = 5
 
