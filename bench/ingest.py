@@ -6,7 +6,8 @@
 Each consumer drains the same pre-loaded queue (the same message bodies, loaded
 again before each run, loading not timed). The machine is shared and its speed drifts,
 so (a), (b) and (c) run in turn for --rounds rounds and each reports its median:
-  (a) server.py, as shipped;
+  (a) server.py, as shipped, and (a2) two server.py processes sharing the queue, as one
+      would run them on a machine with more than one core;
   (b) the broker's ceiling: a consumer that only parses JSON and acknowledges;
   (c) the store's ceiling: plain insert_many of the same documents, 1,000 at a time;
   (d) the baseline: one insert_one and one ack per message, as the original design did.
@@ -114,19 +115,12 @@ class ServerProcess:
         for line in self.process.stdout:
             now = time.perf_counter()
             self._log.write(line)
-            if b"consuming" in line:
+            if b"consuming" in line and not self._ready.is_set():
+                self.ready_at = (now, busy_cpu_seconds())  # it may store from here on
                 self._ready.set()
             found = self.STORED.search(line)
             if found:
                 self.stored_at.append((now, int(found.group(1))))
-
-    def wait_stored(self, count, timeout):
-        deadline = time.perf_counter() + timeout
-        while self.stored_at[-1][1] < count:
-            if self.process.poll() is not None or time.perf_counter() > deadline:
-                raise SystemExit(f"server.py stored {self.stored_at[-1][1]} of {count}; see {self._log.name}")
-            time.sleep(0.005)
-        return self.stored_at[-1][0]
 
     def stop(self):
         """Peak RSS in MB."""
@@ -138,16 +132,26 @@ class ServerProcess:
         return peak_kb / 1024
 
 
-def run_server(mongo, count):
-    """(a) server.py as a process; returns (seconds, busy CPU seconds, peak RSS in MB)."""
+def wait_stored(servers, count, timeout):
+    """When the servers' logs together first reached `count` stored messages."""
+    deadline = time.perf_counter() + timeout
+    while sum(server.stored_at[-1][1] for server in servers) < count:
+        if any(server.process.poll() is not None for server in servers) or time.perf_counter() > deadline:
+            raise SystemExit(f"server.py did not store {count} messages in time; see bench/results/server*.log")
+        time.sleep(0.005)
+    return max(server.stored_at[-1][0] for server in servers)
+
+
+def run_servers(mongo, count, processes=1):
+    """(a) server.py as `processes` processes on one queue; returns (seconds, busy CPU seconds, peak RSS in MB of one)."""
     collection = fresh_collection(mongo)
-    server = ServerProcess("server.log")  # start-up is not measured
-    try:
-        started, cpu = time.perf_counter(), busy_cpu_seconds()
-        seconds = server.wait_stored(count, timeout=3600) - started
+    servers = [ServerProcess(f"server-{n}.log" if processes > 1 else "server.log") for n in range(processes)]
+    try:  # from when the first was ready: it consumes while the others start
+        started, cpu = min(server.ready_at for server in servers)
+        seconds = wait_stored(servers, count, timeout=3600) - started
         cpu = busy_cpu_seconds() - cpu
     finally:
-        peak_mb = server.stop()
+        peak_mb = max([server.stop() for server in servers])
     if collection.estimated_document_count() != count:  # once, after the clock stopped
         raise SystemExit(f"server.py reported {count} stored, the collection disagrees")
     return seconds, cpu, peak_mb
@@ -208,7 +212,7 @@ def latency(mongo, rate, seconds):
                 connection.sleep(min(0.001, max(0.0, due - time.perf_counter())))
             channel.basic_publish(config.EXCHANGE, config.ROUTING_KEY, body, pika.BasicProperties(delivery_mode=2))
             published_at.append(time.perf_counter())
-        server.wait_stored(total, timeout=60)
+        wait_stored([server], total, timeout=60)
     finally:
         server.stop()
         connection.close()
@@ -247,9 +251,11 @@ def main():
     try:
         for _ in range(args.rounds):
             preload(messages)
-            seconds, cpu_seconds, round_peak_mb = run_server(mongo, count)
+            seconds, cpu_seconds, round_peak_mb = run_servers(mongo, count)
             record("a_server", count, seconds, cpu_seconds)
             peak_mb = max(peak_mb, round_peak_mb)
+            preload(messages)
+            record("a2_two_servers", count, *run_servers(mongo, count, processes=2)[:2])
             preload(messages)
             record("b_broker_ceiling", count, *timed(lambda: drain_parse_only(count)))
             collection = fresh_collection(mongo)
@@ -259,7 +265,7 @@ def main():
         record("d_one_at_a_time", baseline_count, *timed(lambda: drain_one_at_a_time(collection, baseline_count)))
         p50, p99 = latency(mongo, 1000, args.latency_seconds)
         preload(bodies(args.backlog))
-        backlog_seconds, _, backlog_peak_mb = run_server(mongo, args.backlog)
+        backlog_seconds, _, backlog_peak_mb = run_servers(mongo, args.backlog)
     finally:
         connection = connect()
         channel = connection.channel()
@@ -284,6 +290,7 @@ def main():
         "rates_per_second_by_round": {name: [round(rate) for rate, _ in done] for name, done in runs.items()},
         "server_vs_smaller_ceiling": round(rates["a_server"] / ceiling, 2),
         "server_vs_one_at_a_time": round(rates["a_server"] / rates["d_one_at_a_time"], 1),
+        "two_servers_vs_smaller_ceiling": round(rates["a2_two_servers"] / ceiling, 2),
         "machine_cpu_us_per_message": {name: round(value, 1) for name, value in cpu_us.items()},
         "cpu_bound_for_both_jobs_per_second": round(both_jobs),
         "server_vs_cpu_bound_for_both_jobs": round(rates["a_server"] / both_jobs, 2),
@@ -295,11 +302,12 @@ def main():
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"ingest, {count:,} messages ({baseline_count:,} for the baseline), median of {args.rounds} rounds, {result['machine']}")
     print(f"{'consumer':<44}{'msg/s':>10}{'CPU us/msg':>12}  each round")
-    labels = {"a_server": "(a) server.py", "b_broker_ceiling": "(b) parse + ack only (broker ceiling)",
+    labels = {"a_server": "(a) server.py", "a2_two_servers": "(a2) two server.py processes", "b_broker_ceiling": "(b) parse + ack only (broker ceiling)",
               "c_store_ceiling": "(c) insert_many x1000 (store ceiling)", "d_one_at_a_time": "(d) insert_one + ack (baseline)"}
     for name, label in labels.items():
         print(f"{label:<44}{rates[name]:>10,.0f}{cpu_us[name]:>12.0f}  {' '.join(f'{rate:,.0f}' for rate, _ in runs[name])}")
-    print(f"(a) / min(b, c) = {result['server_vs_smaller_ceiling']:.2f}   (a) / (d) = {result['server_vs_one_at_a_time']:.1f}x")
+    print(f"(a) / min(b, c) = {result['server_vs_smaller_ceiling']:.2f}   (a) / (d) = {result['server_vs_one_at_a_time']:.1f}x   "
+          f"(a2) / min(b, c) = {result['two_servers_vs_smaller_ceiling']:.2f}")
     print(f"CPU us/msg counts every process on the machine. (b) + (c) together cost {cpu_us['b_broker_ceiling'] + cpu_us['c_store_ceiling']:.0f} us/msg: "
           f"{os.cpu_count()} cores pay for both jobs at {both_jobs:,.0f} msg/s at most; (a) = {result['server_vs_cpu_bound_for_both_jobs']:.2f} of that")
     print(f"publish-to-stored at 1,000 msg/s: p50 {p50:.0f} ms, p99 {p99:.0f} ms")
