@@ -117,7 +117,7 @@ def test_rabbitmq_restarted_while_client_and_server_run(pipeline):
 def test_mongodb_down_for_20_seconds_while_messages_arrive(pipeline):
     """Fault: the MongoDB-wire server stopped for 20 seconds while the client keeps publishing."""
     server = pipeline.start_server()
-    # About 2,500 msg/s for 24 s: during the outage more arrive than the server's prefetch window holds.
+    # Paced over 24 s or more: during the outage more arrive than the server's prefetch window holds.
     client = pipeline.start("client.py", "--count", 3 * PREFETCH, "--interval", 24 / (3 * PREFETCH))
     wait_until(lambda: pipeline.stored_count() >= 300, timeout=60, what="300 stored")
     services("down", "mongo")
