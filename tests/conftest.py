@@ -4,6 +4,7 @@ Every test gets its own exchange, queue and database, so tests never see each
 other's messages. A service that cannot be reached fails the test.
 """
 
+import base64
 import contextlib
 import json
 import os
@@ -12,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@localhost:5672/%2F")
+MQTT_VHOST = "status-pipeline-tests"
 MONGO_URI = os.environ.get("MONGO_URI", "mongodb://localhost:27017/")
 
 
@@ -58,10 +62,11 @@ def amqp_connection():
 class Pipeline:
     """One isolated pipeline: names, processes, and the real services behind them."""
 
-    def __init__(self, mongo, amqp_connection, tmp_path, exchange=None):
+    def __init__(self, mongo, amqp_connection, tmp_path, exchange=None, amqp_url=RABBITMQ_URL, env=None):
         suffix = uuid.uuid4().hex[:10]
         self.shared_exchange = exchange is not None
-        self.env = dict(os.environ, RABBITMQ_URL=RABBITMQ_URL, MONGO_URI=MONGO_URI,
+        self.amqp_url = amqp_url
+        self.env = dict(os.environ, **(env or {}), RABBITMQ_URL=amqp_url, MONGO_URI=MONGO_URI,
                         MONGO_DB=f"test_{suffix}", MONGO_COLLECTION="status",
                         EXCHANGE=exchange or f"test_exchange_{suffix}", QUEUE=f"test_queue_{suffix}",
                         ROUTING_KEY=f"test_topic_{suffix}" if exchange else "status_topic", PYTHONUNBUFFERED="1")
@@ -126,14 +131,14 @@ class Pipeline:
     def connection(self):
         """A live connection, opened again after a broker restart."""
         if not self._connection.is_open:
-            self._connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+            self._connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
         return self._connection
 
     def channel(self):
         try:
             return self.connection.channel()
         except pika.exceptions.AMQPError:
-            self._connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+            self._connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
             return self._connection.channel()
 
     def publish(self, body, properties=None, routing_key=None):
@@ -199,10 +204,32 @@ def pipeline(mongo, amqp_connection, tmp_path):
     pipeline.close()
 
 
+@pytest.fixture(scope="session")
+def mqtt_vhost():
+    """The AMQP URL of a virtual host of the tests' own. The MQTT plugin publishes to one
+    exchange per vhost (rabbitmq/rabbitmq.conf), and every status queue is bound to the
+    device topics, so in the default vhost test messages would also reach status_queue."""
+    url = urllib.parse.urlsplit(RABBITMQ_URL)
+    management = f"http://{url.hostname}:15672/api"
+    auth = base64.b64encode(f"{url.username}:{url.password}".encode()).decode()
+    for path, body in ((f"/vhosts/{MQTT_VHOST}", {}),
+                       (f"/permissions/{MQTT_VHOST}/{url.username}", {"configure": ".*", "write": ".*", "read": ".*"})):
+        request = urllib.request.Request(management + path, data=json.dumps(body).encode(), method="PUT",
+                                         headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(request, timeout=30).close()
+        except OSError as error:
+            pytest.fail(f"RabbitMQ management API unreachable at {management} ({error}); run scripts/services up")
+    return urllib.parse.urlunsplit(url._replace(path="/" + MQTT_VHOST))
+
+
 @pytest.fixture
-def mqtt_pipeline(mongo, amqp_connection, tmp_path):
-    """A pipeline on the exchange RabbitMQ's MQTT plugin publishes to (rabbitmq/rabbitmq.conf)."""
-    pipeline = Pipeline(mongo, amqp_connection, tmp_path, exchange="status_exchange")
+def mqtt_pipeline(mongo, mqtt_vhost, tmp_path):
+    """A pipeline on the exchange RabbitMQ's MQTT plugin publishes to, in the tests' vhost;
+    devices log in as `<vhost>:<user>`, RabbitMQ's way of naming the vhost over MQTT."""
+    connection = pika.BlockingConnection(pika.URLParameters(mqtt_vhost))
+    pipeline = Pipeline(mongo, connection, tmp_path, exchange="status_exchange", amqp_url=mqtt_vhost,
+                        env={"MQTT_USERNAME": f"{MQTT_VHOST}:{urllib.parse.urlsplit(mqtt_vhost).username}"})
     yield pipeline
     pipeline.close()
 

@@ -6,7 +6,9 @@ import uuid
 
 import pytest
 
-MQTT = ["-h", "localhost", "-p", "1883", "-u", "guest", "-P", "guest"]
+from conftest import MQTT_VHOST
+
+MQTT = ["-h", "localhost", "-p", "1883", "-u", f"{MQTT_VHOST}:guest", "-P", "guest"]
 
 
 def mosquitto_pub(topic, message, qos=1):
