@@ -71,7 +71,7 @@ class StatusServer:
         self._written = queue.Queue()
         self._handed = 0  # batches of this generation handed to the writers (the next one's sequence number)
         self._next_to_acknowledge = 0
-        self._written_early = {}  # sequence -> (batch, failures): written before an earlier batch
+        self._written_early = {}  # sequence -> (batch, failures): written, waiting for every earlier batch
         self._failing_writers = 0  # writers retrying a failed write, to log an outage once
         self._recovered_at = float("-inf")  # when the last outage ended
         self._outage_lock = threading.Lock()
@@ -110,7 +110,7 @@ class StatusServer:
         deadline = time.monotonic() + SHUTDOWN_SECONDS
         while not self._to_write.empty():  # unacknowledged anyway: they will be redelivered
             self._to_write.get_nowait()
-        for writer in writers:
+        for _ in writers:
             self._to_write.put_nowait(None)
         for writer in writers:
             writer.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -251,12 +251,11 @@ class StatusServer:
 
     def _acknowledge(self, batch, failures):
         self._fault_hook("before-ack")
-        last_tag = None
-        for index, (method, properties, body, _) in enumerate(batch):
-            if index in failures:
-                self._dead_letter(method, properties, body, failures[index])
-            else:
-                last_tag = method.delivery_tag
+        for index, reason in sorted(failures.items()):
+            method, properties, body, _ = batch[index]
+            self._dead_letter(method, properties, body, reason)
+        last_tag = next((batch[index][0].delivery_tag for index in reversed(range(len(batch))) if index not in failures),
+                        None)  # without looking at every message of the batch when nothing failed
         if last_tag is not None:
             self._channel.basic_ack(last_tag, multiple=True)
         self._stored += len(batch) - len(failures)
@@ -311,22 +310,28 @@ class StatusServer:
                 failures = None
                 if not failing and attempt_started > self._recovered_at:  # else: the outage that just ended
                     failing = True
-                    self._writer_failing(+1, f"MongoDB unavailable ({error}); holding messages and retrying")
+                    self._outage_started(error)
             if failures is not None:
                 if failing:
-                    self._writer_failing(-1, "MongoDB is back")
+                    self._outage_ended()
                 return failures
             time.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, 10.0)
 
-    def _writer_failing(self, change, message):
-        """An outage is logged once when the first writer fails and once when the last recovers."""
+    # An outage is logged once when the first writer fails and once when the last recovers.
+
+    def _outage_started(self, error):
         with self._outage_lock:
-            self._failing_writers += change
-            if self._failing_writers == (1 if change > 0 else 0):
-                LOG.log(logging.WARNING if change > 0 else logging.INFO, message)
+            self._failing_writers += 1
+            if self._failing_writers == 1:
+                LOG.warning("MongoDB unavailable (%s); holding messages and retrying", error)
+
+    def _outage_ended(self):
+        with self._outage_lock:
+            self._failing_writers -= 1
             if self._failing_writers == 0:
                 self._recovered_at = time.monotonic()
+                LOG.info("MongoDB is back")
 
     def _insert_many(self, documents):
         """{index: reason} for the documents MongoDB refused; None when the whole write must be retried."""
@@ -343,7 +348,7 @@ class StatusServer:
 def _fault_hook_from_environment():
     """For the fault tests: SERVER_CRASH_AT=after-write|before-ack|message:<message_id>
     kills the process at that point, as a power cut or a fatal bug would;
-    SERVER_SLOW_FIRST_WRITE=<seconds> holds the first batch that long before its write,
+    SERVER_SLOW_FIRST_WRITE=<seconds> holds each connection's first batch that long before its write,
     as one slow answer from MongoDB would, while the other writers go on."""
     crash_at = os.environ.get("SERVER_CRASH_AT")
     slow_first_write = float(os.environ.get("SERVER_SLOW_FIRST_WRITE") or 0)

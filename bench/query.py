@@ -3,8 +3,8 @@
     .venv/bin/python bench/query.py                    # 1,000,000 messages over 30 days (make bench)
     .venv/bin/python bench/query.py --messages 20000 --queries 10   # quick
 
-Loads the messages as server.py writes them (insert_many of 1,000, then the rollup
-token writes), then times a mix of ranges (30 days, 7 days with unaligned second
+Loads the messages the way server.py writes them (insert_many in batches of 1,000,
+then the rollup token writes), then times a mix of ranges (30 days, 7 days with unaligned second
 bounds, 1 hour, 1 minute, empty) through rollups.count. The first pass seals the
 buckets (the warm-up, timed on its own). The naive aggregation over the raw documents
 is timed on the first --naive ranges (one of each kind by default: on FerretDB 1.24

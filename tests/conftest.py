@@ -25,6 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@localhost:5672/%2F")
 MQTT_VHOST = "status-pipeline-tests"
+MQTT_USERNAME = f"{MQTT_VHOST}:{urllib.parse.urlsplit(RABBITMQ_URL).username}"  # RabbitMQ's way of naming the vhost
 MONGO_URI = os.environ.get("MONGO_URI", "mongodb://localhost:27017/")
 
 
@@ -51,12 +52,16 @@ def mongo():
     client.close()
 
 
+def connect(amqp_url):
+    try:
+        return pika.BlockingConnection(pika.URLParameters(amqp_url))
+    except pika.exceptions.AMQPError as error:
+        pytest.fail(f"RabbitMQ unreachable at {amqp_url} ({error!r}); run scripts/services up")
+
+
 @pytest.fixture
 def amqp_connection():
-    try:
-        return pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
-    except pika.exceptions.AMQPError as error:
-        pytest.fail(f"RabbitMQ unreachable at {RABBITMQ_URL} ({error!r}); run scripts/services up")
+    return connect(RABBITMQ_URL)
 
 
 class Pipeline:
@@ -227,9 +232,8 @@ def mqtt_vhost():
 def mqtt_pipeline(mongo, mqtt_vhost, tmp_path):
     """A pipeline on the exchange RabbitMQ's MQTT plugin publishes to, in the tests' vhost;
     devices log in as `<vhost>:<user>`, RabbitMQ's way of naming the vhost over MQTT."""
-    connection = pika.BlockingConnection(pika.URLParameters(mqtt_vhost))
-    pipeline = Pipeline(mongo, connection, tmp_path, exchange="status_exchange", amqp_url=mqtt_vhost,
-                        env={"MQTT_USERNAME": f"{MQTT_VHOST}:{urllib.parse.urlsplit(mqtt_vhost).username}"})
+    pipeline = Pipeline(mongo, connect(mqtt_vhost), tmp_path, exchange="status_exchange", amqp_url=mqtt_vhost,
+                        env={"MQTT_USERNAME": MQTT_USERNAME})
     yield pipeline
     pipeline.close()
 

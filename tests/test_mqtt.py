@@ -6,9 +6,9 @@ import uuid
 
 import pytest
 
-from conftest import MQTT_VHOST
+from conftest import MQTT_USERNAME
 
-MQTT = ["-h", "localhost", "-p", "1883", "-u", f"{MQTT_VHOST}:guest", "-P", "guest"]
+MQTT = ["-h", "localhost", "-p", "1883", "-u", MQTT_USERNAME, "-P", "guest"]
 
 
 def mosquitto_pub(topic, message, qos=1):
