@@ -163,10 +163,14 @@ class StatusServer:
         channel.queue_bind(config.QUEUE, config.EXCHANGE, routing_key=DEVICE_ROUTING_KEY)
 
     def _create_indexes(self):
+        """The API's range queries use a timestamp index on MongoDB. FerretDB 1.x reads the whole
+        collection for any range filter (it hands only equality down to its SQL backend), so
+        there the index would be one more structure to update on every insert, never read."""
         delay = 1.0
         while not self._stopping:
             try:
-                self._collection.create_index("timestamp")
+                if not self._collection.database.client.server_info().get("ferretdbVersion", "").startswith("v1."):
+                    self._collection.create_index("timestamp")
                 return
             except PyMongoError as error:
                 LOG.warning("MongoDB unavailable (%s); retrying in %.1fs", error, delay)
