@@ -87,29 +87,24 @@ def _decode(body):
         raise InvalidMessage(f"body is not JSON ({str(error)[:120]})") from None
     if not isinstance(fields, dict):
         raise InvalidMessage(f"body must be a JSON object, got {_json_type(fields)}")
-    _check_keys(fields)
     return fields
 
 
-def _check_keys(value):
-    """Keys that MongoDB would read as operators or paths make the message invalid, at any depth."""
-    if isinstance(value, dict):
-        for key, inner in value.items():
-            if key.startswith("$") or "." in key or "\x00" in key:
-                raise InvalidMessage(f"key {_show(key)} may not start with '$' or hold '.' or NUL")
-            if isinstance(inner, (dict, list)):
-                _check_keys(inner)
-    elif isinstance(value, list):
-        for inner in value:
-            if isinstance(inner, (dict, list)):
-                _check_keys(inner)
+def _checked_object(fields):
+    """Keys that MongoDB would read as operators or paths make the message invalid, at any
+    depth: the decoder calls this for every JSON object it builds."""
+    for key in fields:
+        if key.startswith("$") or "." in key or "\x00" in key:
+            raise InvalidMessage(f"key {_show(key)} may not start with '$' or hold '.' or NUL")
+    return fields
 
 
 def _no_constant(name):
     raise InvalidMessage(f"body is not JSON ({name} is not a JSON number)")
 
 
-_JSON = json.JSONDecoder(parse_constant=_no_constant)  # json.loads(text, **options) would build one per call
+# One decoder for every message: json.loads(text, **options) would build one per call.
+_JSON = json.JSONDecoder(object_hook=_checked_object, parse_constant=_no_constant)
 
 
 def _identifier(name, value):

@@ -40,6 +40,7 @@ Counts are never incremented, so no increment can be lost. An answer can lag the
 documents only while a batch sits between its insert and its token writes.
 """
 
+import math
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -51,6 +52,10 @@ LEVELS = (("minute", 60), ("hour", 3600), ("day", 86400), ("span", 32 * 86400))
 MINUTE, TOP = 0, 3
 STATUSES = len(messages.STATUSES)  # counts are lists indexed by status
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+# timestamp() is the exact count of microseconds divided by 10**6, correctly rounded. While
+# a float's spacing is at most 1 µs (below 2**33 s, years 1698..2242) that rounding cannot
+# carry a time across a whole second, so its floor is the second.
+FLOAT_EXACT_SECONDS = 2**33
 KEY_OFFSET = 10**11  # keeps the bucket numbers of year 1 positive
 DUPLICATE_KEY = 11000
 EMPTY = {"total": [0] * STATUSES, "parts": {}}
@@ -62,8 +67,12 @@ def bucket_name(level, index):
 
 
 def epoch_seconds(moment):
+    """The whole second a datetime falls in (naive means UTC), as seconds since 1970."""
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
+    seconds = moment.timestamp()  # four times faster than the exact form below, which the server pays per message
+    if -FLOAT_EXACT_SECONDS < seconds < FLOAT_EXACT_SECONDS:
+        return math.floor(seconds)
     return (moment - EPOCH) // timedelta(seconds=1)
 
 

@@ -127,3 +127,20 @@ def test_writers_racing_on_new_buckets(database):
         thread.join(60)
     assert failures == []
     check(collection, -3600 * 1000, 3 * 3600 * 1000, True)
+
+
+@given(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)).map(
+    lambda naive: naive.replace(tzinfo=timezone.utc)))
+def test_epoch_seconds_is_the_exact_second(moment):
+    exact = (moment - rollups.EPOCH) // timedelta(seconds=1)
+    assert rollups.epoch_seconds(moment) == exact
+    last_microsecond = moment.replace(microsecond=999_999)  # where a rounded float would carry into the next second
+    assert rollups.epoch_seconds(last_microsecond) == exact
+    assert rollups.epoch_seconds(moment.replace(tzinfo=None)) == exact
+
+
+@pytest.mark.parametrize("seconds", [2**33 - 1, 2**33, -(2**33), -(2**33) + 1, 2**37, -1, 0])
+def test_epoch_seconds_at_the_float_bound(seconds):
+    for microsecond in (0, 1, 999_999):
+        moment = rollups.EPOCH + timedelta(seconds=seconds, microseconds=microsecond)
+        assert rollups.epoch_seconds(moment) == seconds
