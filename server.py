@@ -163,14 +163,10 @@ class StatusServer:
         channel.queue_bind(config.QUEUE, config.EXCHANGE, routing_key=DEVICE_ROUTING_KEY)
 
     def _create_indexes(self):
-        """The API's range queries use a timestamp index on MongoDB. FerretDB 1.x reads the whole
-        collection for any range filter (it hands only equality down to its SQL backend), so
-        there the index would be one more structure to update on every insert, never read."""
         delay = 1.0
         while not self._stopping:
             try:
-                if not self._collection.database.client.server_info().get("ferretdbVersion", "").startswith("v1."):
-                    self._collection.create_index("timestamp")
+                create_indexes(self._collection)
                 return
             except PyMongoError as error:
                 LOG.warning("MongoDB unavailable (%s); retrying in %.1fs", error, delay)
@@ -347,6 +343,14 @@ class StatusServer:
                 return None
             return {e["index"]: f"MongoDB refused the document: {e.get('errmsg', e['code'])}"
                     for e in error.details["writeErrors"] if e["code"] != DUPLICATE_KEY}
+
+
+def create_indexes(collection):
+    """The API's range queries use a timestamp index on MongoDB. FerretDB 1.x reads the whole
+    collection for any range filter (it hands only equality down to its SQL backend), so
+    there the index would be one more structure to update on every insert, never read."""
+    if not collection.database.client.server_info().get("ferretdbVersion", "").startswith("v1."):
+        collection.create_index("timestamp")
 
 
 def _fault_hook_from_environment():

@@ -34,6 +34,7 @@ import pymongo  # noqa: E402
 
 import config  # noqa: E402
 import rollups  # noqa: E402
+from server import create_indexes  # noqa: E402
 
 END = datetime(2026, 11, 1, tzinfo=timezone.utc)
 DAYS = 30
@@ -49,7 +50,7 @@ def load(collection, count):
                      for index in range(first, min(first + 1000, count))]
         collection.insert_many(documents, ordered=False)
         rollups.touch(collection, documents)
-    collection.create_index("timestamp")
+    create_indexes(collection)  # as server.py does
     return time.perf_counter() - started
 
 
