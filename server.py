@@ -23,7 +23,7 @@ import time
 import pika
 import pymongo
 from pika.exceptions import AMQPConnectionError, ChannelClosedByBroker, ConnectionClosedByBroker, ProbableAuthenticationError
-from pymongo.errors import BulkWriteError, PyMongoError
+from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
 import config
 import rollups
@@ -48,6 +48,7 @@ WRITERS = 3
 # so a backlog is written in fewer, bigger batches) and the deliveries on their way.
 PREFETCH = 10 * BATCH_SIZE
 DUPLICATE_KEY = 11000
+NAMESPACE_NOT_FOUND, INDEX_NOT_FOUND = 26, 27
 SHUTDOWN_SECONDS = 5
 
 
@@ -348,9 +349,16 @@ class StatusServer:
 def create_indexes(collection):
     """The API's range queries use a timestamp index on MongoDB. FerretDB 1.x reads the whole
     collection for any range filter (it hands only equality down to its SQL backend), so
-    there the index would be one more structure to update on every insert, never read."""
+    there the index would be one more structure to update on every insert, never read:
+    one that an earlier version created is dropped."""
     if not collection.database.client.server_info().get("ferretdbVersion", "").startswith("v1."):
         collection.create_index("timestamp")
+        return
+    try:
+        collection.drop_index([("timestamp", 1)])
+    except OperationFailure as error:
+        if error.code not in (NAMESPACE_NOT_FOUND, INDEX_NOT_FOUND):
+            raise
 
 
 def _fault_hook_from_environment():

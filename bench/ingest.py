@@ -231,7 +231,7 @@ def main():
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--baseline-messages", type=int, default=20_000,
                         help="the one-at-a-time baseline is slow: it drains this many")
-    parser.add_argument("--rounds", type=int, default=3, help="(a), (a2), (b) and (c) run in turn this many times")
+    parser.add_argument("--rounds", type=int, default=5, help="(a), (a2), (b) and (c) run in turn this many times")
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--backlog", type=int, default=1_000_000, help="drained once for server.py's peak memory")
     parser.add_argument("--output", default=str(ROOT / "bench/results/ingest.json"))
