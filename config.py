@@ -34,6 +34,13 @@ def _port(name, default):
     return int(value)
 
 
+def _count(name, default, most):
+    value = os.environ.get(name, str(default))
+    if not value.isdigit() or not 1 <= int(value) <= most:
+        _fail(name, value, f"a whole number between 1 and {most}")
+    return int(value)
+
+
 def _name(name, default):
     value = os.environ.get(name, default)
     if not value or len(value) > 120 or not value.isprintable() or " " in value:
@@ -48,6 +55,8 @@ MONGO_COLLECTION = _name("MONGO_COLLECTION", "status")
 EXCHANGE = _name("EXCHANGE", "status_exchange")
 ROUTING_KEY = _name("ROUTING_KEY", "status_topic")
 QUEUE = _name("QUEUE", "status_queue")
+# One Python process keeps about one core busy; past a few, the queue itself is the limit.
+SERVER_PROCESSES = _count("SERVER_PROCESSES", min(len(os.sched_getaffinity(0)), 4), 64)
 API_HOST = _name("API_HOST", "127.0.0.1")
 API_PORT = _port("API_PORT", 5000)
 MQTT_HOST = _name("MQTT_HOST", "localhost")

@@ -1,9 +1,10 @@
 """Consume status messages from RabbitMQ and store each one in MongoDB, once.
 
-    python server.py
+    python server.py                  # one process per core (SERVER_PROCESSES)
+    python server.py --processes 1
 
 The queue is durable and named, so nothing published while the server is down
-is lost, and several servers share its work. Messages are written in batches by
+is lost, and several servers share its work: its own processes, and others. Messages are written in batches by
 writer threads and acknowledged (one `multiple` ack per batch) only after the
 write, so a crash anywhere means redelivery, never loss; a redelivered message
 is stored once because its message_id is the document's _id. An invalid message
@@ -16,6 +17,7 @@ import os
 import queue
 import random
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -383,19 +385,95 @@ def _fault_hook_from_environment():
     return fault
 
 
+class _OtherProcesses:
+    """With --processes N, this server.py starts N - 1 more as its children, on the same queue:
+    one Python process keeps about one core busy. They go down together, so that whatever
+    restarts the server restarts all of it: a child exits at once when this process is gone,
+    even after kill -9 (the pipe it inherited closes), and when a child dies this process
+    stops the others and exits with the child's code."""
+
+    def __init__(self, count, log_level, server):
+        self._server = server
+        self._stopping = False
+        self.exit_code = 0
+        read_end, self._write_end = os.pipe()  # this end is never written, only held until exit
+        self._processes = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--processes", "1",
+                                             "--log-level", log_level, "--parent-fd", str(read_end)],
+                                            pass_fds=(read_end,)) for _ in range(count)]
+        os.close(read_end)
+        LOG.info("running %d processes: this one and %s", count + 1, ", ".join(str(p.pid) for p in self._processes))
+        for process in self._processes:
+            threading.Thread(target=self._watch, args=(process,), name=f"watch-{process.pid}", daemon=True).start()
+
+    def _watch(self, process):
+        code = process.wait()
+        if self._stopping:
+            return
+        if code == 0:  # stopped by a signal sent to the whole process group: so is this one
+            LOG.info("server process %d stopped; stopping the others", process.pid)
+        else:
+            LOG.error("server process %d exited with code %d; stopping the others", process.pid, code)
+            self.exit_code = self.exit_code or (code if code > 0 else 1)
+        self._server.stop()
+        self.stop()
+
+    def stop(self):
+        self._stopping = True
+        for process in self._processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+
+    def wait(self):
+        """Once this process has stopped: stop the others, wait for them; the exit code of the whole."""
+        self.stop()
+        for process in self._processes:
+            try:
+                process.wait(SHUTDOWN_SECONDS + 10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return self.exit_code
+
+
+def _exit_with_parent(fd):
+    """In a child: exit as soon as the server.py that started it is gone, however it went.
+    Its unacknowledged messages go back to the queue, as after any crash."""
+    def watch():
+        os.read(fd, 1)  # returns only at end of file: the parent never writes
+        LOG.error("the server.py that started this process is gone; exiting")
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--processes", type=int, default=config.SERVER_PROCESSES,
+                        help="server processes sharing the queue, this one included "
+                             "(default: SERVER_PROCESSES, one per core up to 4)")
+    parser.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)  # given to the children
     args = parser.parse_args()
-    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")  # libraries: warnings only
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
+    logging.basicConfig(format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")  # libraries: warnings only
     LOG.setLevel(args.log_level)
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # the server logs each transition itself
+    if args.parent_fd is not None:
+        _exit_with_parent(args.parent_fd)
     mongo = pymongo.MongoClient(config.MONGO_URI, tz_aware=True, serverSelectionTimeoutMS=5000)
     server = StatusServer(mongo[config.MONGO_DB][config.MONGO_COLLECTION], fault_hook=_fault_hook_from_environment())
-    signal.signal(signal.SIGINT, server.stop)
-    signal.signal(signal.SIGTERM, server.stop)
+    others = _OtherProcesses(args.processes - 1, args.log_level, server) if args.processes > 1 else None
+
+    def stop(*_):
+        server.stop()
+        if others:
+            others.stop()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     server.run()
-    return 0
+    return others.wait() if others else 0
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ class Pipeline:
         self.env = dict(os.environ, **(env or {}), RABBITMQ_URL=amqp_url, MONGO_URI=MONGO_URI,
                         MONGO_DB=f"test_{suffix}", MONGO_COLLECTION="status",
                         EXCHANGE=exchange or f"test_exchange_{suffix}", QUEUE=f"test_queue_{suffix}",
-                        ROUTING_KEY=f"test_topic_{suffix}" if exchange else "status_topic", PYTHONUNBUFFERED="1")
+                        ROUTING_KEY=f"test_topic_{suffix}" if exchange else "status_topic", PYTHONUNBUFFERED="1",
+                        SERVER_PROCESSES="1")  # one process, whose log tells one story; test_processes.py runs more
         self.routing_key = self.env["ROUTING_KEY"]
         self.exchange, self.queue = self.env["EXCHANGE"], self.env["QUEUE"]
         self.dead_letter_queue = self.queue + ".dead"
