@@ -6,6 +6,7 @@ defaults reach the services of both `docker compose up` and
 time with one line naming the variable, before any connection is tried.
 """
 
+import math
 import os
 import sys
 from urllib.parse import urlsplit
@@ -29,16 +30,32 @@ def _url(name, default, schemes):
 
 def _port(name, default):
     value = os.environ.get(name, str(default))
-    if not value.isdigit() or not 1 <= int(value) <= 65535:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 65535:
         _fail(name, value, "a port number between 1 and 65535")
     return int(value)
 
 
 def _count(name, default, most):
     value = os.environ.get(name, str(default))
-    if not value.isdigit() or not 1 <= int(value) <= most:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= most:
         _fail(name, value, f"a whole number between 1 and {most}")
     return int(value)
+
+
+def _usable_cores():
+    """The cores this process may use: its CPU affinity, within a container's CPU quota."""
+    cores = len(os.sched_getaffinity(0))
+    try:  # cgroup v2, else v1
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+    except OSError:
+        try:
+            quota = open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read().strip()
+            period = open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read().strip()
+        except OSError:
+            return cores
+    if quota in ("max", "-1"):
+        return cores
+    return max(1, min(cores, math.ceil(int(quota) / int(period))))
 
 
 def _name(name, default):
@@ -56,7 +73,7 @@ EXCHANGE = _name("EXCHANGE", "status_exchange")
 ROUTING_KEY = _name("ROUTING_KEY", "status_topic")
 QUEUE = _name("QUEUE", "status_queue")
 # One Python process keeps about one core busy; past a few, the queue itself is the limit.
-SERVER_PROCESSES = _count("SERVER_PROCESSES", min(len(os.sched_getaffinity(0)), 4), 64)
+SERVER_PROCESSES = _count("SERVER_PROCESSES", min(_usable_cores(), 4), 64)
 API_HOST = _name("API_HOST", "127.0.0.1")
 API_PORT = _port("API_PORT", 5000)
 MQTT_HOST = _name("MQTT_HOST", "localhost")

@@ -388,9 +388,9 @@ def _fault_hook_from_environment():
 class _OtherProcesses:
     """With --processes N, this server.py starts N - 1 more as its children, on the same queue:
     one Python process keeps about one core busy. They go down together, so that whatever
-    restarts the server restarts all of it: a child exits at once when this process is gone,
-    even after kill -9 (the pipe it inherited closes), and when a child dies this process
-    stops the others and exits with the child's code."""
+    restarts the server restarts all of it: a child stops at once when this process is gone,
+    even after kill -9 (the pipe it inherited closes), and when a child exits unasked this
+    process stops the others and exits with the child's code (1 for a clean exit or a signal)."""
 
     def __init__(self, count, log_level, server):
         self._server = server
@@ -409,11 +409,9 @@ class _OtherProcesses:
         code = process.wait()
         if self._stopping:
             return
-        if code == 0:  # stopped by a signal sent to the whole process group: so is this one
-            LOG.info("server process %d stopped; stopping the others", process.pid)
-        else:
-            LOG.error("server process %d exited with code %d; stopping the others", process.pid, code)
-            self.exit_code = self.exit_code or (code if code > 0 else 1)
+        # Even a clean exit was not asked for by this process: the whole must be restarted.
+        LOG.error("server process %d exited with code %d; stopping the others", process.pid, code)
+        self.exit_code = self.exit_code or (code if code > 0 else 1)
         self._server.stop()
         self.stop()
 
@@ -435,13 +433,16 @@ class _OtherProcesses:
         return self.exit_code
 
 
-def _exit_with_parent(fd):
-    """In a child: exit as soon as the server.py that started it is gone, however it went.
-    Its unacknowledged messages go back to the queue, as after any crash."""
+def _stop_with_parent(fd, server):
+    """In a child: stop as soon as the server.py that started it is gone, however it went.
+    It finishes the messages in hand as on SIGTERM rather than handing them back: on RabbitMQ
+    3.x every return counts towards a message's delivery limit."""
     def watch():
         os.read(fd, 1)  # returns only at end of file: the parent never writes
-        LOG.error("the server.py that started this process is gone; exiting")
-        os._exit(1)
+        LOG.error("the server.py that started this process is gone; stopping")
+        server.stop()
+        time.sleep(SHUTDOWN_SECONDS + 5)
+        os._exit(1)  # stopping hung
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
@@ -459,10 +460,10 @@ def main():
     logging.basicConfig(format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")  # libraries: warnings only
     LOG.setLevel(args.log_level)
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # the server logs each transition itself
-    if args.parent_fd is not None:
-        _exit_with_parent(args.parent_fd)
     mongo = pymongo.MongoClient(config.MONGO_URI, tz_aware=True, serverSelectionTimeoutMS=5000)
     server = StatusServer(mongo[config.MONGO_DB][config.MONGO_COLLECTION], fault_hook=_fault_hook_from_environment())
+    if args.parent_fd is not None:
+        _stop_with_parent(args.parent_fd, server)
     others = _OtherProcesses(args.processes - 1, args.log_level, server) if args.processes > 1 else None
 
     def stop(*_):
@@ -472,8 +473,11 @@ def main():
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    server.run()
-    return others.wait() if others else 0
+    try:
+        server.run()
+    finally:
+        code = others.wait() if others else 0  # also when this one failed
+    return code
 
 
 if __name__ == "__main__":

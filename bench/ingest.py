@@ -126,6 +126,8 @@ class ServerProcess:
 
     def stop(self):
         """Peak RSS in MB: the sum of every process's peak."""
+        if self.process.poll() is not None:  # it failed: the caller reports that
+            return 0.0
         pid = self.process.pid
         pids = [pid, *open(f"/proc/{pid}/task/{pid}/children").read().split()]
         peak_kb = sum(int(next(line.split()[1] for line in open(f"/proc/{each}/status") if line.startswith("VmHWM")))
@@ -318,7 +320,7 @@ def main():
     print(f"CPU us/msg counts every process on the machine. (b) + (c) together cost {cpu_us['b_broker_ceiling'] + cpu_us['c_store_ceiling']:.0f} us/msg: "
           f"{os.cpu_count()} cores pay for both jobs at {both_jobs:,.0f} msg/s at most; (a) = {result['server_vs_cpu_bound_for_both_jobs']:.2f} of that")
     print(f"publish-to-stored at 1,000 msg/s: p50 {p50:.0f} ms, p99 {p99:.0f} ms")
-    print(f"server.py peak RSS {peak_mb:.0f} MB ({count:,}); draining a backlog of {args.backlog:,}: "
+    print(f"server.py peak RSS, its processes' peaks added up: {peak_mb:.0f} MB ({count:,}); draining a backlog of {args.backlog:,}: "
           f"{backlog_peak_mb:.0f} MB, {args.backlog / backlog_seconds:,.0f} msg/s")
     print(f"written to {args.output}")
 

@@ -138,6 +138,7 @@ def test_sigterm_stops_the_server_cleanly(pipeline):
 @pytest.mark.parametrize("variable, value", [
     ("API_PORT", "abc"),
     ("API_PORT", "70000"),
+    ("API_PORT", "²"),  # a digit to str.isdigit, not to int()
     ("RABBITMQ_URL", "localhost:5672"),
     ("MONGO_URI", "localhost:27017"),
     ("MONGO_URI", "mongodb://localhost:port/"),

@@ -5,6 +5,8 @@ import os
 import re
 import signal
 
+import pytest
+
 from conftest import wait_until
 from test_faults import assert_each_stored_once
 
@@ -49,8 +51,10 @@ def test_kill_9_of_the_server_takes_its_other_processes_along(pipeline):
     assert "the server.py that started this process is gone" in pipeline.log(server)
 
 
-def test_a_process_that_dies_stops_the_whole_server(pipeline):
+@pytest.mark.parametrize("sig, code", [(signal.SIGKILL, -9), (signal.SIGTERM, 0)])
+def test_a_process_that_exits_unasked_stops_the_whole_server(pipeline, sig, code):
+    """Even a clean exit: whatever restarts the server on failure must restart all of it."""
     server, child = start_two(pipeline)
-    os.kill(child, signal.SIGKILL)
+    os.kill(child, sig)
     assert server.wait(30) == 1, pipeline.log(server)
-    assert f"server process {child} exited with code -9; stopping the others" in pipeline.log(server)
+    assert f"server process {child} exited with code {code}; stopping the others" in pipeline.log(server)
