@@ -28,17 +28,10 @@ def _url(name, default, schemes):
     return value
 
 
-def _port(name, default):
-    value = os.environ.get(name, str(default))
-    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 65535:
-        _fail(name, value, "a port number between 1 and 65535")
-    return int(value)
-
-
-def _count(name, default, most):
+def _whole_number(name, default, most, kind="a whole number"):
     value = os.environ.get(name, str(default))
     if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= most:
-        _fail(name, value, f"a whole number between 1 and {most}")
+        _fail(name, value, f"{kind} between 1 and {most}")
     return int(value)
 
 
@@ -73,10 +66,10 @@ EXCHANGE = _name("EXCHANGE", "status_exchange")
 ROUTING_KEY = _name("ROUTING_KEY", "status_topic")
 QUEUE = _name("QUEUE", "status_queue")
 # One Python process keeps about one core busy; past a few, the queue itself is the limit.
-SERVER_PROCESSES = _count("SERVER_PROCESSES", min(_usable_cores(), 4), 64)
+SERVER_PROCESSES = _whole_number("SERVER_PROCESSES", min(_usable_cores(), 4), 64)
 API_HOST = _name("API_HOST", "127.0.0.1")
-API_PORT = _port("API_PORT", 5000)
+API_PORT = _whole_number("API_PORT", 5000, 65535, "a port number")
 MQTT_HOST = _name("MQTT_HOST", "localhost")
-MQTT_PORT = _port("MQTT_PORT", 1883)
+MQTT_PORT = _whole_number("MQTT_PORT", 1883, 65535, "a port number")
 MQTT_USERNAME = _name("MQTT_USERNAME", "guest")
 MQTT_PASSWORD = os.environ.get("MQTT_PASSWORD", "guest")

@@ -15,8 +15,9 @@ seals, and so on up to `<collection>_rollup_all` for the spans):
 A reader uses a seal only while its token is the bucket's current token; otherwise it
 computes the bucket again (from the raw documents for a minute, from its children's
 seals above that) and seals it under the token it read first. Collections stay small
-(at most 60 documents; the spans' gain about 11 a year) because FerretDB 1.24 on SQLite finds even `{_id: value}` by
-scanning its table: every lookup and update costs the bytes of its collection. For the
+(at most 60 documents; the spans' gain about 11 a year) because FerretDB 1.24 on
+SQLite finds even `{_id: value}` by scanning its table: every lookup and update costs
+the bytes of its collection. For the
 same reason tokens, which the server rewrites after every batch, are kept apart from the
 bigger seals, and a seal's parts are one string rather than a document of 60 fields
 (FerretDB stores a type schema beside every field: ten times the bytes).

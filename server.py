@@ -4,11 +4,12 @@
     python server.py --processes 1
 
 The queue is durable and named, so nothing published while the server is down
-is lost, and several servers share its work: its own processes, and others. Messages are written in batches by
-writer threads and acknowledged (one `multiple` ack per batch) only after the
-write, so a crash anywhere means redelivery, never loss; a redelivered message
-is stored once because its message_id is the document's _id. An invalid message
-goes to the dead-letter queue with its reason and is never retried.
+is lost, and several servers share its work: its own processes, and others.
+Messages are written in batches by writer threads and acknowledged (one
+`multiple` ack per batch) only after the write, so a crash anywhere means
+redelivery, never loss; a redelivered message is stored once because its
+message_id is the document's _id. An invalid message goes to the dead-letter
+queue with its reason and is never retried.
 """
 
 import argparse

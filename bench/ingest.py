@@ -124,6 +124,15 @@ class ServerProcess:
                 self._stored_by[found.group(1)] = int(found.group(2))
                 self.stored_at.append((now, sum(self._stored_by.values())))
 
+    def wait_stored(self, count, timeout):
+        """When its log first reached `count` stored messages."""
+        deadline = time.perf_counter() + timeout
+        while self.stored_at[-1][1] < count:
+            if self.process.poll() is not None or time.perf_counter() > deadline:
+                raise SystemExit(f"server.py stored {self.stored_at[-1][1]} of {count}; see {self._log.name}")
+            time.sleep(0.005)
+        return self.stored_at[-1][0]
+
     def stop(self):
         """Peak RSS in MB: the sum of every process's peak."""
         if self.process.poll() is not None:  # it failed: the caller reports that
@@ -139,23 +148,13 @@ class ServerProcess:
         return peak_kb / 1024
 
 
-def wait_stored(servers, count, timeout):
-    """When the servers' logs together first reached `count` stored messages."""
-    deadline = time.perf_counter() + timeout
-    while sum(server.stored_at[-1][1] for server in servers) < count:
-        if any(server.process.poll() is not None for server in servers) or time.perf_counter() > deadline:
-            raise SystemExit(f"server.py did not store {count} messages in time; see bench/results/server*.log")
-        time.sleep(0.005)
-    return max(server.stored_at[-1][0] for server in servers)
-
-
 def run_server(mongo, count, processes=None):
     """(a) server.py (with --processes, if given); returns (seconds, busy CPU seconds, peak RSS in MB)."""
     collection = fresh_collection(mongo)
     server = ServerProcess(f"server-{processes}.log" if processes else "server.log", processes)
     try:  # from when its first process was ready: it consumes while the others start
         started, cpu = server.ready_at
-        seconds = wait_stored([server], count, timeout=3600) - started
+        seconds = server.wait_stored(count, timeout=3600) - started
         cpu = busy_cpu_seconds() - cpu
     finally:
         peak_mb = server.stop()
@@ -220,7 +219,7 @@ def latency(mongo, rate, seconds):
                 connection.sleep(min(0.001, max(0.0, due - time.perf_counter())))
             channel.basic_publish(config.EXCHANGE, config.ROUTING_KEY, body, pika.BasicProperties(delivery_mode=2))
             published_at.append(time.perf_counter())
-        wait_stored([server], total, timeout=60)
+        server.wait_stored(total, timeout=60)
     finally:
         server.stop()
         connection.close()
