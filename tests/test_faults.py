@@ -124,9 +124,10 @@ def test_mongodb_down_for_20_seconds_while_messages_arrive(pipeline):
     try:
         outage_ends = time.monotonic() + 20
         wait_until(lambda: "MongoDB unavailable" in pipeline.log(server), timeout=30, what="the server to notice")
-        # The server holds at most its prefetch window; the rest waits in the queue.
-        wait_until(lambda: pipeline.queue_depth() > 0, timeout=20, what="messages to wait in the queue")
-        time.sleep(max(0.0, outage_ends - time.monotonic()))  # the outage lasts its 20 seconds
+        # The server holds at most its prefetch window; the rest waits in the queue. On a slow
+        # machine the client needs longer than the 20 seconds to publish past the window.
+        wait_until(lambda: pipeline.queue_depth() > 0, timeout=90, what="messages to wait in the queue")
+        time.sleep(max(0.0, outage_ends - time.monotonic()))  # the outage lasts its 20 seconds at least
     finally:
         services("up", "mongo")
     assert client.wait(120) == 0
