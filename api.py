@@ -13,7 +13,7 @@ from pymongo.errors import PyMongoError
 from werkzeug.exceptions import HTTPException
 
 import config
-import rollups
+import counts
 from messages import STATUSES, parse_time
 
 MAX_PARAMETER_LENGTH = 64
@@ -42,9 +42,9 @@ def create_app(test_config=None):
         end = _time_parameter("end")
         if start > end:
             raise BadRequest(f"start ({_format(start)}) is after end ({_format(end)})")
-        counts = rollups.count(collection, start, end)
+        answer = counts.count(collection, start, end)
         return jsonify(start=_format(start), end=_format(end),
-                       counts={str(status): counts[status] for status in STATUSES}, total=sum(counts))
+                       counts={str(status): answer[status] for status in STATUSES}, total=sum(answer))
 
     @app.get("/health")
     def health():

@@ -8,8 +8,10 @@ is lost, and several servers share its work: its own processes, and others.
 Messages are written in batches by writer threads and acknowledged (one
 `multiple` ack per batch) only after the write, so a crash anywhere means
 redelivery, never loss; a redelivered message is stored once because its
-message_id is the document's _id. An invalid message goes to the dead-letter
-queue with its reason and is never retried.
+message_id is the document's _id. Each batch also records the counts of the
+documents it created, and one process folds those records into the counts the
+API reads (counts.py). An invalid message goes to the dead-letter queue with
+its reason and is never retried.
 """
 
 import argparse
@@ -26,10 +28,10 @@ import time
 import pika
 import pymongo
 from pika.exceptions import AMQPConnectionError, ChannelClosedByBroker, ConnectionClosedByBroker, ProbableAuthenticationError
-from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
+from pymongo.errors import OperationFailure, PyMongoError
 
 import config
-import rollups
+import counts
 from messages import InvalidMessage, to_document
 
 LOG = logging.getLogger("server")
@@ -56,12 +58,14 @@ SHUTDOWN_SECONDS = 5
 
 
 class StatusServer:
-    def __init__(self, collection, amqp_url=config.RABBITMQ_URL, fault_hook=None):
+    def __init__(self, collection, amqp_url=config.RABBITMQ_URL, fault_hook=None, fold=True):
         self._collection = collection
+        self._fold = fold  # one process of a server.py folds the counts; its children do not
         self._parameters = pika.URLParameters(amqp_url)
         self._parameters.heartbeat = 30
         self._parameters.blocked_connection_timeout = 60
         self._fault_hook = fault_hook or (lambda point, detail=None: None)
+        self._batch_writer = counts.BatchWriter(collection, fault_hook=self._fault_hook)
         self._stopping = False
         self._down_since = None  # when RabbitMQ went away, to log the outage once
         self._connection = None
@@ -90,6 +94,9 @@ class StatusServer:
         writers = [threading.Thread(target=self._write_batches, name=f"writer-{n}", daemon=True) for n in range(WRITERS)]
         for writer in writers:
             writer.start()
+        folding = threading.Event()  # set: stop folding
+        if self._fold:
+            threading.Thread(target=counts.Folder(self._collection).run, args=(folding,), name="folder", daemon=True).start()
         delay = 1.0
         while not self._stopping:
             started = time.monotonic()
@@ -118,6 +125,7 @@ class StatusServer:
             self._to_write.put_nowait(None)
         for writer in writers:
             writer.join(timeout=max(0.0, deadline - time.monotonic()))
+        folding.set()
         LOG.info("stopped: %d stored, %d dead-lettered", self._stored, self._dead)
 
     def _went_down(self, why):
@@ -306,10 +314,7 @@ class StatusServer:
         while True:
             attempt_started = time.monotonic()
             try:
-                failures = self._insert_many(documents)
-                if failures is not None:
-                    # After the insert and before the ack: see the argument in rollups.py.
-                    rollups.touch(self._collection, [d for i, d in enumerate(documents) if i not in failures])
+                failures = self._batch_writer.write(documents)  # the raw insert and its counts record
             except PyMongoError as error:
                 failures = None
                 if not failing and attempt_started > self._recovered_at:  # else: the outage that just ended
@@ -337,25 +342,14 @@ class StatusServer:
                 self._recovered_at = time.monotonic()
                 LOG.info("MongoDB is back")
 
-    def _insert_many(self, documents):
-        """{index: reason} for the documents MongoDB refused; None when the whole write must be retried."""
-        try:
-            self._collection.insert_many(documents, ordered=False)
-            return {}
-        except BulkWriteError as error:
-            if error.details.get("writeConcernErrors"):
-                return None
-            return {e["index"]: f"MongoDB refused the document: {e.get('errmsg', e['code'])}"
-                    for e in error.details["writeErrors"] if e["code"] != DUPLICATE_KEY}
-
 
 def create_indexes(collection):
-    """The API's range queries use a timestamp index on MongoDB. FerretDB 1.x reads the whole
-    collection for any range filter (it hands only equality down to its SQL backend), so
-    there the index would be one more structure to update on every insert, never read:
-    one that an earlier version created is dropped."""
+    """On MongoDB, an index on `batch`, so that recovering an interrupted batch's counts reads
+    only its documents. FerretDB 1.x reads the whole collection for any filter but a string
+    _id, so there an index would only slow every insert: none is created, and the
+    `timestamp` index an earlier version created is dropped."""
     if not collection.database.client.server_info().get("ferretdbVersion", "").startswith("v1."):
-        collection.create_index("timestamp")
+        collection.create_index("batch")
         return
     try:
         collection.drop_index([("timestamp", 1)])
@@ -365,7 +359,7 @@ def create_indexes(collection):
 
 
 def _fault_hook_from_environment():
-    """For the fault tests: SERVER_CRASH_AT=after-write|before-ack|message:<message_id>
+    """For the fault tests: SERVER_CRASH_AT=after-raw-insert|after-write|before-ack|message:<message_id>
     kills the process at that point, as a power cut or a fatal bug would;
     SERVER_SLOW_FIRST_WRITE=<seconds> holds each connection's first batch that long before its write,
     as one slow answer from MongoDB would, while the other writers go on."""
@@ -462,7 +456,8 @@ def main():
     LOG.setLevel(args.log_level)
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # the server logs each transition itself
     mongo = pymongo.MongoClient(config.MONGO_URI, tz_aware=True, serverSelectionTimeoutMS=5000)
-    server = StatusServer(mongo[config.MONGO_DB][config.MONGO_COLLECTION], fault_hook=_fault_hook_from_environment())
+    server = StatusServer(mongo[config.MONGO_DB][config.MONGO_COLLECTION], fault_hook=_fault_hook_from_environment(),
+                          fold=args.parent_fd is None)
     if args.parent_fd is not None:
         _stop_with_parent(args.parent_fd, server)
     others = _OtherProcesses(args.processes - 1, args.log_level, server) if args.processes > 1 else None

@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-import rollups
+from counts import BatchWriter, Folder
 from api import create_app
 from conftest import MONGO_URI
 
@@ -32,8 +32,8 @@ def utc(*parts):
 def store(app, *rows):
     """rows: (status, timestamp), written as server.py writes them."""
     documents = [{"status": status, "timestamp": moment, "received_at": moment} for status, moment in rows]
-    app.collection.insert_many(documents)
-    rollups.touch(app.collection, documents)
+    BatchWriter(app.collection).write(documents)
+    Folder(app.collection).fold_once()
 
 
 def counts(*pairs):

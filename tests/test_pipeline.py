@@ -43,14 +43,16 @@ def test_client_server_api_end_to_end_counts_exactly(pipeline):
     assert http_get_json(f"http://127.0.0.1:{port}/health") == (200, {"status": "ok"})
 
 
-def test_timestamp_index_exists_where_the_store_can_use_it(pipeline):
-    """MongoDB answers the API's range queries from it; FerretDB 1.x scans for any range
-    filter, so there it would only slow every insert, and one left by an earlier version goes."""
+def test_batch_index_exists_where_the_store_can_use_it(pipeline):
+    """MongoDB finds an interrupted batch's documents from it; FerretDB 1.x reads the whole
+    collection for such a filter, so there it would only slow every insert, and the
+    timestamp index an earlier version created goes."""
     pipeline.collection.create_index("timestamp")
     pipeline.start_server()  # indexes are settled before it consumes
     ferretdb_1 = pipeline.database.client.server_info().get("ferretdbVersion", "").startswith("v1.")
-    indexed = any(index["key"] == {"timestamp": 1} for index in pipeline.collection.list_indexes())
-    assert indexed != ferretdb_1
+    keys = [index["key"] for index in pipeline.collection.list_indexes()]
+    assert ({"batch": 1} in keys) != ferretdb_1
+    assert ({"timestamp": 1} in keys) != ferretdb_1
 
 
 def _answers(url):

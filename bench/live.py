@@ -1,0 +1,282 @@
+"""Live benchmark: /status-count for ranges that end at now, while messages arrive.
+
+    .venv/bin/python bench/live.py                       # 1,000,000 messages stored first
+    .venv/bin/python bench/live.py --messages 10000000   # 10,000,000
+    .venv/bin/python bench/live.py --messages 20000 --seconds 10 --burst 2000 --rounds 1   # quick
+
+Everything goes through the programs as shipped: the stored messages are published to
+RabbitMQ (timestamps spread over the last --days, in random order, as a fleet flushing what
+it buffered) and drained by server.py; api.py answers over HTTP. Then, for --seconds:
+- messages arrive at --rate per second, timestamped now, and one in twenty is a backfill
+  (a device that was offline: a timestamp up to a day old);
+- a query loop asks for ranges that end at now, with millisecond bounds: the last 5 minutes,
+  1 hour, 24 hours, 7 days and 30 days; p50 and p99 per kind;
+- the naive aggregation over the raw documents answers one range, for comparison.
+Then the burst ratio: how fast server.py stores a burst of --burst messages while a
+dashboard's load runs (two queries a second over the ranges above) against without it,
+interleaved for --rounds rounds (median of the ratios). Last, once everything is stored,
+every kind of range (and random millisecond ranges) is checked against one pass over the
+raw documents. Prints a table and writes bench/results/live.json.
+"""
+
+import argparse
+import bisect
+import json
+import random
+import statistics
+import threading
+import time
+import urllib.request
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import ingest  # sets this run's exchange, queue and database names before config is read
+from ingest import ROOT, ServerProcess, connect, store_name
+
+import pika  # noqa: E402
+import pymongo  # noqa: E402
+
+import config  # noqa: E402
+import counts  # noqa: E402
+from server import StatusServer  # noqa: E402
+
+KINDS = {"5 minutes": timedelta(minutes=5), "1 hour": timedelta(hours=1), "24 hours": timedelta(hours=24),
+         "7 days": timedelta(days=7), "30 days": timedelta(days=30)}
+
+
+def iso(moment):
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def body(status, moment):
+    return json.dumps({"status": status, "message_id": uuid.uuid4().hex, "timestamp": iso(moment)}).encode()
+
+
+def publish_backlog(count, days, rng):
+    """`count` messages over the last `days` (ending a minute ago), in random order."""
+    connection = connect()
+    channel = connection.channel()
+    StatusServer._declare_topology(channel)
+    now = datetime.now(timezone.utc) - timedelta(minutes=1)
+    span_ms = int(days * 86400 * 1000)
+    properties = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+    for index in range(count):
+        moment = now - timedelta(milliseconds=rng.randrange(span_ms))
+        channel.basic_publish(config.EXCHANGE, config.ROUTING_KEY, body(index % 7, moment), properties)
+    connection.close()
+
+
+class Publisher(threading.Thread):
+    """Messages at a steady rate, timestamped now; one in twenty a backfill up to a day old."""
+
+    def __init__(self, rate, rng):
+        super().__init__(daemon=True)
+        self.rate, self.rng, self.sent = rate, rng, 0
+        self.stopping = threading.Event()
+
+    def run(self):
+        connection = connect()
+        channel = connection.channel()
+        properties = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+        started = time.perf_counter()
+        while not self.stopping.is_set():
+            due = started + self.sent / self.rate
+            if time.perf_counter() < due:
+                connection.sleep(min(0.005, due - time.perf_counter()))
+                continue
+            now = datetime.now(timezone.utc)
+            moment = now - timedelta(milliseconds=self.rng.randrange(86_400_000)) if self.sent % 20 == 19 else now
+            channel.basic_publish(config.EXCHANGE, config.ROUTING_KEY, body(self.rng.randrange(7), moment), properties)
+            self.sent += 1
+        connection.close()
+
+
+def ask(port, start, end):
+    """(ms, answer) of one GET /status-count."""
+    url = f"http://127.0.0.1:{port}/status-count?start={iso(start)}&end={iso(end)}"
+    began = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=60) as response:
+        answer = json.load(response)
+    return (time.perf_counter() - began) * 1000, answer
+
+
+class QueryLoop(threading.Thread):
+    """Ranges that end at now, in turn, `per_second` a second (0: back to back)."""
+
+    def __init__(self, port, per_second=0):
+        super().__init__(daemon=True)
+        self.port, self.per_second = port, per_second
+        self.latencies = {kind: [] for kind in KINDS}
+        self.stopping = threading.Event()
+
+    def run(self):
+        kinds = list(KINDS)
+        started, asked = time.perf_counter(), 0
+        while not self.stopping.is_set():
+            kind = kinds[asked % len(kinds)]
+            end = datetime.now(timezone.utc)
+            elapsed, _ = ask(self.port, end - KINDS[kind], end)
+            self.latencies[kind].append(elapsed)
+            asked += 1
+            if self.per_second:
+                self.stopping.wait(max(0.0, started + asked / self.per_second - time.perf_counter()))
+
+
+def burst(count, rng, server):
+    """msg/s at which server.py stores `count` messages published at once."""
+    before = server.stored_at[-1][1]
+    connection = connect()
+    channel = connection.channel()
+    properties = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+    now = datetime.now(timezone.utc)
+    began = time.perf_counter()
+    for _ in range(count):
+        channel.basic_publish(config.EXCHANGE, config.ROUTING_KEY, body(rng.randrange(7), now), properties)
+    connection.close()
+    return count / (server.wait_stored(before + count, timeout=600) - began)
+
+
+def one_pass(collection, ranges):
+    """[count per status] for every range from one read of the raw documents."""
+    times = [[] for _ in range(counts.STATUSES)]
+    for document in collection.find({}, {"timestamp": 1, "status": 1, "_id": 0}, batch_size=10_000):
+        times[document["status"]].append(counts.epoch_ms(document["timestamp"]))
+    for values in times:
+        values.sort()
+    answers = []
+    for start, end in ranges:
+        low, high = counts.epoch_ms(start), counts.epoch_ms(end)
+        answers.append([bisect.bisect_left(values, high) - bisect.bisect_left(values, low) for values in times])
+    return sum(map(len, times)), answers
+
+
+def percentile(values, fraction):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * fraction))]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=1_000_000, help="stored before the live phase")
+    parser.add_argument("--days", type=float, default=30)
+    parser.add_argument("--rate", type=float, default=1000, help="live messages per second")
+    parser.add_argument("--seconds", type=float, default=60, help="length of the live phase")
+    parser.add_argument("--burst", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=3, help="burst rounds with and without the dashboard's load")
+    parser.add_argument("--naive", type=int, default=1, help="naive aggregations timed (each reads every document)")
+    parser.add_argument("--output", default=str(ROOT / "bench/results/live.json"))
+    args = parser.parse_args()
+    (ROOT / "bench/results").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(11)
+    mongo = pymongo.MongoClient(config.MONGO_URI, tz_aware=True)
+    collection = mongo[config.MONGO_DB][config.MONGO_COLLECTION]
+    port = 20000 + rng.randrange(20000)
+    api = server = None
+    try:
+        began = time.perf_counter()
+        publish_backlog(args.messages, args.days, rng)
+        published_seconds = time.perf_counter() - began
+        server = ServerProcess("server-live.log")
+        load_seconds = server.wait_stored(args.messages, timeout=7200) - server.ready_at[0]
+        api = ingest.subprocess.Popen([ingest.sys.executable, str(ROOT / "api.py")], cwd=ROOT,
+                                      env=dict(ingest.os.environ, API_PORT=str(port)),
+                                      stdout=open(ROOT / "bench/results/api-live.log", "wb"), stderr=ingest.subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("api.py did not answer")
+                time.sleep(0.2)
+
+        publisher, queries = Publisher(args.rate, random.Random(12)), QueryLoop(port)
+        publisher.start()
+        queries.start()
+        time.sleep(args.seconds)
+        queries.stopping.set()
+        queries.join(120)
+        naive_ms = []
+        for _ in range(args.naive):  # while messages still arrive
+            end = datetime.now(timezone.utc)
+            began = time.perf_counter()
+            counts.raw_counts(collection, end - timedelta(hours=1), end)
+            naive_ms.append((time.perf_counter() - began) * 1000)
+        publisher.stopping.set()
+        publisher.join(60)
+
+        ratios, alone, loaded = [], [], []
+        for _ in range(args.rounds):
+            alone.append(burst(args.burst, rng, server))
+            dashboard = QueryLoop(port, per_second=2)
+            dashboard.start()
+            loaded.append(burst(args.burst, rng, server))
+            dashboard.stopping.set()
+            dashboard.join(120)
+            ratios.append(loaded[-1] / alone[-1])
+
+        total = args.messages + publisher.sent + 2 * args.rounds * args.burst
+        server.wait_stored(total, timeout=600)
+        now = datetime.now(timezone.utc)
+        ranges = [(now - length, now) for length in KINDS.values()]
+        ranges += [(now - timedelta(milliseconds=rng.randrange(40 * 86_400_000)),) for _ in range(20)]
+        ranges = [r if len(r) == 2 else (r[0], r[0] + timedelta(milliseconds=rng.randrange(3 * 86_400_000))) for r in ranges]
+        stored, expected = one_pass(collection, ranges)
+        if stored != total:
+            raise SystemExit(f"the collection holds {stored} documents, not {total}")
+        for (start, end), want in zip(ranges, expected):
+            _, answer = ask(port, start, end)
+            got = [answer["counts"][str(status)] for status in range(counts.STATUSES)]
+            if got != want:
+                raise SystemExit(f"wrong answer for {iso(start)}..{iso(end)}: {got} != {want} (raw documents)")
+    finally:
+        if api:
+            api.terminate()
+            api.wait(30)
+        if server:
+            server.stop()
+        connection = connect()
+        channel = connection.channel()
+        for queue in (config.QUEUE, config.QUEUE + ".dead"):
+            channel.queue_delete(queue)
+        channel.exchange_delete(config.EXCHANGE)
+        channel.exchange_delete(config.QUEUE + ".dlx")
+        connection.close()
+        mongo.drop_database(config.MONGO_DB)
+
+    every = [value for values in queries.latencies.values() for value in values]
+    result = {
+        "machine": {"cores": ingest.os.cpu_count(), "store": store_name(mongo)},
+        "messages": args.messages, "days": args.days, "publish_seconds": round(published_seconds),
+        "load_through_server_seconds": round(load_seconds), "load_per_second": round(args.messages / load_seconds),
+        "live": {"rate": args.rate, "seconds": args.seconds, "sent": publisher.sent, "queries": len(every)},
+        "ms_by_kind": {kind: {"p50": round(percentile(values, 0.5), 1), "p99": round(percentile(values, 0.99), 1),
+                              "queries": len(values)} for kind, values in queries.latencies.items()},
+        "ms_all": {"p50": round(percentile(every, 0.5), 1), "p99": round(percentile(every, 0.99), 1)},
+        "naive_ms": [round(value) for value in naive_ms],
+        "burst": {"messages": args.burst, "alone_per_second": [round(v) for v in alone],
+                  "with_dashboard_per_second": [round(v) for v in loaded], "ratios": [round(r, 2) for r in ratios],
+                  "median_ratio": round(statistics.median(ratios), 2)},
+        "checked_ranges": len(ranges), "all_answers_equal_raw": True,
+    }
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"live, {args.messages:,} messages over {args.days:g} days loaded through server.py in {load_seconds:.0f} s "
+          f"({result['load_per_second']:,}/s), store {result['machine']['store']}")
+    print(f"{args.seconds:g} s at {args.rate:g} msg/s ({publisher.sent:,} sent, 1 in 20 a backfill), {len(every)} queries ending at now")
+    print(f"{'range ending at now':<24}{'p50 ms':>10}{'p99 ms':>10}{'queries':>10}")
+    for kind, values in result["ms_by_kind"].items():
+        print(f"{kind:<24}{values['p50']:>10}{values['p99']:>10}{values['queries']:>10}")
+    print(f"{'all':<24}{result['ms_all']['p50']:>10}{result['ms_all']['p99']:>10}")
+    if naive_ms:
+        print(f"naive aggregation (last hour, over the raw documents): {statistics.median(naive_ms):,.0f} ms")
+    print(f"burst of {args.burst:,}: alone {statistics.median(alone):,.0f} msg/s, with two queries a second "
+          f"{statistics.median(loaded):,.0f} msg/s; ratio per round {', '.join(f'{r:.2f}' for r in ratios)} "
+          f"(median {result['burst']['median_ratio']:.2f})")
+    print(f"every answer equal to the raw documents' ({len(ranges)} ranges, one pass over {stored:,} documents)")
+    print(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,585 @@
+"""Exact status counts, kept up as messages are stored, whose reads do not grow with the data.
+
+Three roles, one per class:
+- `BatchWriter` (server.py's writer threads) stores a batch of messages and records the
+  counts of the documents that batch created, using inserts only;
+- `Folder` (one per database at a time, in server.py) folds those records into small
+  per-hour, per-day, per-32-day and overall documents;
+- `count` (api.py) answers [start, end) from those documents plus the records not yet
+  folded, reading a dozen small documents by _id and never the raw collection.
+
+Layout, for raw collection `status` (`<c>` below); the number of collections is fixed
+but for two per day of data:
+- `<c>_counts_log`: per batch an intent `{_id: "i:<batch>", owner, at}`, inserted before
+  the raw insert, and a record `{_id: "c:<batch>", entries}` of the documents the batch
+  created (their millisecond times and statuses), inserted after it. Small: the folder
+  deletes what it has folded.
+- `<c>_counts_state`: `{_id: "state", round, records}`, the folder's current round, and
+  `lease:<slot>` documents that elect the one folder.
+- `<c>_counts`: a document per day (counts per hour), per 32-day span (counts per day)
+  and `all` (counts per span), each `{_id, round, parts}`.
+- `<c>_counts_<YYYYMMDD>`: a document per hour of that day, with counts per second and,
+  per second, the rounds whose fragments hold that second's millisecond detail.
+- `<c>_counts_<YYYYMMDD>_ms`: the fragments `{_id: "f:<hour>:<round>", entries}`: each
+  round's millisecond times and statuses within one hour. Read only for a bound inside a
+  second.
+Every raw document carries `batch`, the id of the batch that inserted it.
+
+The store is FerretDB 1.24 by default: it answers a lookup of one string _id from SQL,
+but reads its whole table for that; every other filter decodes every document of the
+collection; it has no transactions and no lock between an update's read and its write,
+and one update command holds a connection of a 100-connection pool for each of its
+statements until the command ends (several concurrent multi-statement updates deadlock
+the database for good). Hence: the only atomic step used is an insert's unique _id;
+writers only insert; one folder writes aggregates, one single-statement update at a time;
+readers look documents up by _id in small collections.
+
+Why every answer is exact once the batches in flight are acknowledged:
+1. Records. A batch inserts its intent, then its raw documents stamped with its id, then
+   its record, listing exactly the documents the unordered insert reported as new; only
+   then is it acknowledged. Each raw document is created by one insert, so it is in at
+   most one record. A batch that dies between intent and record leaves an open intent: the
+   folder closes it, once its owner is dead (same host) or it is older than
+   RECOVER_AFTER_SECONDS, with a record of the raw documents stamped with its id (a read
+   of the raw collection: rare, and off the request and ingest paths). A record's _id is
+   unique, so of a late owner and the folder only one record lands. A batch that met
+   duplicates (documents some earlier batch created) waits, before it is acknowledged,
+   until every intent open at that moment is closed: the batch that created them has then
+   its record. So an acknowledged document is in exactly one record (the assumption: a
+   raw insert a client gave up on has ended on the store within RECOVER_AFTER_SECONDS).
+2. Rounds. The folder folds the records present at the start of round n: it first writes
+   the state {round: n, records}, then adds those records into every aggregate they touch
+   that is stamped with a round below n, stamping it n (fragments first), and then deletes
+   them. A round cut short is finished with the same records by the next folder, since
+   the state names them and the stamps tell what is done. So an aggregate stamped r holds
+   exactly the records of rounds up to r that touch it, and a record still in the log is
+   in no aggregate unless its round is the state's current one.
+3. Reads. A reader reads the state, then the log, then the aggregates, then the state
+   again, and starts over if the round changed. Each piece of the range is answered by
+   one aggregate X and by the logged records that X does not hold yet: those not in the
+   state's round, or in it while X's round is below it. A record folded and deleted before
+   the log was read is in X (X is read after it), and one written after that belongs to a
+   later round, which the second state read would show.
+4. Leases. One folder at a time holds the lease of a time slot, claimed with a unique
+   insert, and writes only within the slot it holds (the assumption: clocks agree to well
+   within a second, and a folder is not paused mid-write past its slot).
+Counts are never incremented in place, so no increment can be lost.
+"""
+
+import bisect
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+
+import messages
+
+LOG = logging.getLogger("counts")
+
+STATUSES = len(messages.STATUSES)  # counts are lists indexed by status
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+HOUR, DAY, SPAN = 3600, 86400, 32 * 86400  # seconds; each divides the next
+LEVELS = (HOUR, DAY, SPAN)  # aggregate levels below `all`; a level's parts are buckets of the level below
+TOP = len(LEVELS)
+# timestamp() is the exact count of microseconds divided by 10**6, correctly rounded. While
+# a float's spacing is at most 1 µs (below 2**33 s, years 1698..2242) that rounding cannot
+# carry a time across a whole second, so its floor is the second.
+FLOAT_EXACT_SECONDS = 2**33
+DUPLICATE_KEY = 11000
+RECOVER_AFTER_SECONDS = 60
+LEASE_SECONDS = 10
+FOLD_INTERVAL_SECONDS = 0.5
+READ_ATTEMPTS = 20
+
+
+def epoch_seconds(moment):
+    """The whole second a datetime falls in (naive means UTC), as seconds since 1970."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    seconds = moment.timestamp()  # four times faster than the exact form below, which the server pays per message
+    if -FLOAT_EXACT_SECONDS < seconds < FLOAT_EXACT_SECONDS:
+        return math.floor(seconds)
+    return (moment - EPOCH) // timedelta(seconds=1)
+
+
+def epoch_ms(moment):
+    """The millisecond a datetime is stored as (BSON keeps milliseconds, dropping finer digits)."""
+    return epoch_seconds(moment) * 1000 + moment.microsecond // 1000
+
+
+def _collections(collection):
+    database, name = collection.database, collection.name
+    return database[f"{name}_counts_log"], database[f"{name}_counts_state"], database[f"{name}_counts"]
+
+
+def _hours_home(collection, hour):
+    day = EPOCH + timedelta(hours=hour)
+    return collection.database[f"{collection.name}_counts_{day.year:04d}{day.month:02d}{day.day:02d}"]
+
+
+def _fragments_home(collection, hour):
+    return collection.database[f"{_hours_home(collection, hour).name}_ms"]
+
+
+def _aggregate_id(level, bucket):
+    return f"{('hour', 'day', 'span')[level]}:{bucket}" if level < TOP else "all"
+
+
+def _home(collection, level, bucket):
+    return _hours_home(collection, bucket) if level == 0 else _collections(collection)[2]
+
+
+# -- encodings: strings, since FerretDB stores a type schema beside every field ----------
+
+def _encode_entries(entries):
+    """Sorted [(ms, status)] -> "first|step·10+status,..." (a record's or fragment's entries)."""
+    if not entries:
+        return ""
+    previous = entries[0][0]
+    out = []
+    for ms, status in entries:
+        out.append(str((ms - previous) * 10 + status))
+        previous = ms
+    return f"{entries[0][0]}|{','.join(out)}"
+
+
+def _decode_entries(text):
+    """The inverse of _encode_entries: ([ms ascending], [status])."""
+    if not text:
+        return [], []
+    first, rest = text.split("|")
+    times, statuses = [], []
+    ms = int(first)
+    for value in rest.split(","):
+        step, status = divmod(int(value), 10)
+        ms += step
+        times.append(ms)
+        statuses.append(status)
+    return times, statuses
+
+
+def _encode_parts(parts):
+    """{child offset: [7 counts]} -> "offset:c0,...,c6;..." """
+    return ";".join(f"{offset}:{','.join(map(str, counts))}" for offset, counts in sorted(parts.items()))
+
+
+def _decode_parts(text):
+    parts = {}
+    for part in text.split(";") if text else ():
+        offset, counts = part.split(":")
+        parts[int(offset)] = [int(count) for count in counts.split(",")]
+    return parts
+
+
+def _encode_rounds(rounds):
+    """{second offset: [rounds]} -> "offset:r,r;..." """
+    return ";".join(f"{offset}:{','.join(map(str, sorted(numbers)))}" for offset, numbers in sorted(rounds.items()))
+
+
+def _decode_rounds(text):
+    rounds = {}
+    for part in text.split(";") if text else ():
+        offset, numbers = part.split(":")
+        rounds[int(offset)] = [int(number) for number in numbers.split(",")]
+    return rounds
+
+
+def _add(counts, more):
+    for status, number in enumerate(more):
+        counts[status] += number
+
+
+# -- writer side (server.py's writer threads) --------------------------------------------
+
+def _process_start(pid):
+    """The start time of a process (clock ticks since boot), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+OWNER = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+
+
+def _owner_is_dead(owner):
+    """True only when the owner ran on this host and is gone; elsewhere nobody can tell."""
+    if not owner or owner.get("host") != socket.gethostname():
+        return False
+    return _process_start(owner["pid"]) != owner.get("start")
+
+
+class BatchWriter:
+    """Stores batches of documents in one raw collection and records their counts.
+
+    `write(documents)` returns {index: reason} for documents the store refused for what
+    they hold (never to be retried); it raises PyMongoError when the whole write must be
+    retried (an outage). Documents already stored (same _id) are not refused: they are
+    redeliveries, stored once.
+    """
+
+    def __init__(self, collection, wait_seconds=0.05, fault_hook=None):
+        self._raw = collection
+        self._fault_hook = fault_hook or (lambda point, detail=None: None)
+        self._log = _collections(collection)[0]
+        self._wait_seconds = wait_seconds
+
+    def write(self, documents):
+        batch = uuid.uuid4().hex[:16]
+        self._log.insert_one({"_id": f"i:{batch}", "owner": OWNER, "at": time.time()})
+        for document in documents:
+            document["batch"] = batch
+        refused, duplicates = self._insert(documents)
+        self._fault_hook("after-raw-insert")
+        created = sorted((epoch_ms(document["timestamp"]), document["status"])
+                         for index, document in enumerate(documents) if index not in refused and index not in duplicates)
+        try:
+            self._log.insert_one({"_id": f"c:{batch}", "entries": _encode_entries(created)})
+        except DuplicateKeyError:
+            pass  # the folder took this batch for dead and recorded what it stamped: the same documents
+        if duplicates:
+            self._wait_for_open_intents(batch)
+        return refused
+
+    def _insert(self, documents):
+        """({index: reason} refused, {index} duplicates) of one unordered insert."""
+        try:
+            self._raw.insert_many(documents, ordered=False)
+            return {}, set()
+        except BulkWriteError as error:
+            if error.details.get("writeConcernErrors"):
+                raise
+            refused, duplicates = {}, set()
+            for failure in error.details["writeErrors"]:
+                if failure["code"] == DUPLICATE_KEY:
+                    duplicates.add(failure["index"])
+                else:
+                    refused[failure["index"]] = f"MongoDB refused the document: {failure.get('errmsg', failure['code'])}"
+            return refused, duplicates
+
+    def _wait_for_open_intents(self, batch):
+        """A duplicate was created by an earlier batch, whose record may still be missing:
+        wait until every intent open now (but this batch's) is closed by its record."""
+        open_now = _open_intents(self._log) - {batch}
+        started, logged = time.monotonic(), False
+        while open_now:
+            if not logged and time.monotonic() - started > 5:
+                LOG.warning("waiting for the counts of %d interrupted batches to be recovered", len(open_now))
+                logged = True
+            time.sleep(self._wait_seconds)
+            open_now &= _open_intents(self._log)
+        if logged:
+            LOG.info("interrupted batches recovered after %.1fs", time.monotonic() - started)
+
+
+def _open_intents(log, documents=None):
+    """Batch ids whose intent has no record yet."""
+    ids = [document["_id"] for document in (documents if documents is not None else log.find({}, {"_id": 1}))]
+    intents = {_id[2:] for _id in ids if _id.startswith("i:")}
+    return intents - {_id[2:] for _id in ids if _id.startswith("c:")}
+
+
+# -- the folder (one per database at a time) ---------------------------------------------
+
+class Folder:
+    """Folds the logged records into the aggregates, and recovers interrupted batches.
+
+    `run(stopping)` loops until the `stopping` event is set, holding the lease when it can;
+    `fold_once()` runs one round if this folder holds the lease (tests and the benchmark).
+    """
+
+    def __init__(self, collection, recover_after=RECOVER_AFTER_SECONDS, clock=time.time):
+        self._raw = collection
+        self._log, self._state, self._aggregates = _collections(collection)
+        self._recover_after = recover_after
+        self._clock = clock
+        self._name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._slots = set()  # lease slots this folder holds
+
+    # lease ------------------------------------------------------------------
+
+    def _holds_lease(self):
+        """Claim the current slot when free, and the next one in time; True while writing is allowed."""
+        now = self._clock()
+        slot = int(now // LEASE_SECONDS)
+        into_slot = now - slot * LEASE_SECONDS
+        # The holder claims the next slot first; the others try later, so it keeps the lease.
+        wanted = [slot]
+        if into_slot > LEASE_SECONDS * (0.5 if slot in self._slots else 0.8):
+            wanted.append(slot + 1)
+        for candidate in wanted:
+            if candidate in self._slots:
+                continue
+            try:
+                self._state.insert_one({"_id": f"lease:{candidate}", "folder": self._name})
+                self._slots.add(candidate)
+                if candidate - 1 not in self._slots:
+                    LOG.info("folding counts (lease from slot %d)", candidate)
+                self._state.delete_many({"_id": {"$in": [f"lease:{old}" for old in range(candidate - 8, candidate - 2)]}})
+            except DuplicateKeyError:
+                pass
+        self._slots = {held for held in self._slots if held >= slot}
+        return self._still_holds()
+
+    def _still_holds(self):
+        """Writing is allowed within a held slot, but for its last second unless the next is held too
+        (a write in flight, and clocks that disagree a little, must not reach another folder's slot)."""
+        now = self._clock()
+        slot = int(now // LEASE_SECONDS)
+        return slot in self._slots and (now < (slot + 1) * LEASE_SECONDS - 1 or slot + 1 in self._slots)
+
+    # rounds -----------------------------------------------------------------
+
+    def run(self, stopping):
+        down = False
+        while not stopping.is_set():
+            try:
+                folded = self.fold_once()
+                if down:
+                    LOG.info("counts: MongoDB is back")
+                    down = False
+            except PyMongoError as error:
+                if not down:
+                    LOG.warning("counts: MongoDB unavailable (%s); retrying", error)
+                    down = True
+                folded = False
+            stopping.wait(FOLD_INTERVAL_SECONDS if folded else FOLD_INTERVAL_SECONDS / 2)
+
+    def fold_once(self):
+        """One round: True when it folded something, False otherwise."""
+        if not self._holds_lease():
+            return False
+        log = list(self._log.find({}))
+        self._recover(log)
+        state = self._state.find_one({"_id": "state"}) or {"round": 0, "records": []}
+        unfinished = [record for record in log if record["_id"] in set(state["records"])]
+        if unfinished:  # a round cut short: finish it with the same records
+            number, records = state["round"], unfinished
+        else:
+            records = [record for record in log if record["_id"].startswith("c:")]
+            if not records:
+                return False
+            number = state["round"] + 1
+            if not self._still_holds():
+                return False
+            self._state.replace_one({"_id": "state"}, {"round": number, "records": [r["_id"] for r in records]},
+                                    upsert=True)
+        try:
+            self._apply(number, records)
+        except _LeaseLost:
+            return False
+        if not self._still_holds():
+            return False
+        done = [record["_id"] for record in records]
+        self._log.delete_many({"_id": {"$in": done + [f"i:{_id[2:]}" for _id in done]}})
+        return True
+
+    def _apply(self, number, records):
+        hours, fragments = {}, {}  # hour -> {second offset: counts}, hour -> [(ms in hour, status)]
+        for record in records:
+            for ms, status in zip(*_decode_entries(record["entries"])):
+                second = ms // 1000
+                hour = second // HOUR
+                hours.setdefault(hour, {}).setdefault(second - hour * HOUR, [0] * STATUSES)[status] += 1
+                fragments.setdefault(hour, []).append((ms - hour * HOUR * 1000, status))
+        by_home = {}
+        for hour, entries in fragments.items():
+            by_home.setdefault(_fragments_home(self._raw, hour).name, []).append(
+                {"_id": f"f:{hour}:{number}", "entries": _encode_entries(sorted(entries))})
+        for home, documents in by_home.items():
+            try:
+                self._raw.database[home].insert_many(documents, ordered=False)
+            except BulkWriteError as error:  # written by the round's first attempt
+                if any(e["code"] != DUPLICATE_KEY for e in error.details["writeErrors"]):
+                    raise
+        level_parts = [{hour: seconds for hour, seconds in hours.items()}]
+        for level in range(1, TOP + 1):  # each level's parts are the totals of the level below
+            child_size = LEVELS[level - 1]
+            size = LEVELS[level] if level < TOP else None
+            parts = {}
+            for child, child_parts in level_parts[-1].items():
+                total = [0] * STATUSES
+                for counts in child_parts.values():
+                    _add(total, counts)
+                bucket = child * child_size // size if size else 0
+                offset = child - bucket * (size // child_size) if size else child
+                _add(parts.setdefault(bucket, {}).setdefault(offset, [0] * STATUSES), total)
+            level_parts.append(parts)
+        for level, buckets in enumerate(level_parts):
+            for bucket, parts in buckets.items():
+                if not self._still_holds():
+                    raise _LeaseLost()
+                self._merge(number, level, bucket, parts)
+
+    def _merge(self, number, level, bucket, parts):
+        home, _id = _home(self._raw, level, bucket), _aggregate_id(level, bucket)
+        current = home.find_one({"_id": _id}) or {"round": 0, "parts": ""}
+        if current["round"] >= number:
+            return  # done by this round's first attempt
+        merged = _decode_parts(current["parts"])
+        for offset, counts in parts.items():
+            _add(merged.setdefault(offset, [0] * STATUSES), counts)
+        document = {"round": number, "parts": _encode_parts(merged)}
+        if level == 0:
+            rounds = _decode_rounds(current.get("rounds", ""))
+            for offset in parts:
+                rounds.setdefault(offset, []).append(number)
+            document["rounds"] = _encode_rounds(rounds)
+        home.replace_one({"_id": _id}, document, upsert=True)
+
+    def _recover(self, log):
+        """Close the intents whose batch died before its record, from the raw documents it stamped."""
+        now = self._clock()
+        owners = {record["_id"][2:]: record for record in log if record["_id"].startswith("i:")}
+        stale = [batch for batch in _open_intents(self._log, log)
+                 if _owner_is_dead(owners[batch].get("owner")) or now - owners[batch]["at"] > self._recover_after]
+        if not stale:
+            return
+        started = time.monotonic()
+        created = {batch: [] for batch in stale}
+        for document in self._raw.find({"batch": {"$in": stale}}, {"timestamp": 1, "status": 1, "batch": 1}):
+            created[document["batch"]].append((epoch_ms(document["timestamp"]), document["status"]))
+        for batch, entries in created.items():
+            try:
+                self._log.insert_one({"_id": f"c:{batch}", "entries": _encode_entries(sorted(entries)), "recovered": True})
+            except DuplicateKeyError:
+                pass  # its owner wrote it after all
+        LOG.warning("recovered the counts of %d interrupted batches (%d documents) from the raw collection in %.1fs",
+                    len(stale), sum(map(len, created.values())), time.monotonic() - started)
+
+
+class _LeaseLost(Exception):
+    """The folder's lease slot ended mid-round; the next holder finishes the round."""
+
+
+# -- reader side (api.py) ----------------------------------------------------------------
+
+def raw_counts(collection, start, end):
+    """[count per status] of raw documents with start <= timestamp < end: the definition.
+    It reads the raw collection: for tests and verification only."""
+    counts = [0] * STATUSES
+    pipeline = [{"$match": {"timestamp": {"$gte": start, "$lt": end}}},
+                {"$group": {"_id": "$status", "count": {"$sum": 1}}}]
+    for row in collection.aggregate(pipeline):
+        counts[row["_id"]] = row["count"]
+    return counts
+
+
+def count(collection, start, end):
+    """[count per status] of the stored messages with start <= timestamp < end.
+
+    `start` and `end` are aware datetimes; stored times are whole milliseconds, so a bound
+    with finer digits must be rounded up to the next millisecond by the caller. Raises
+    PyMongoError when the store does not answer."""
+    low, high = _bound_ms(start), _bound_ms(end)
+    if low >= high:
+        return [0] * STATUSES
+    for _ in range(READ_ATTEMPTS):
+        answer = _Snapshot(collection).count(low, high)
+        if answer is not None:
+            return answer
+    raise _Busy("the counts changed under every read; try again")
+
+
+class _Busy(PyMongoError):
+    pass
+
+
+def _bound_ms(moment):
+    return epoch_ms(moment) + (1 if moment.microsecond % 1000 else 0)
+
+
+def _pieces(low, high, level=0):
+    """Split whole seconds [low, high) into (level, bucket, low, high) pieces, each inside one
+    bucket of its level and answered by that bucket's parts (`all` for the top)."""
+    if low >= high:
+        return []
+    if level == TOP:
+        return [(TOP, 0, low, high)]
+    size = LEVELS[level]
+    first, last = low // size, (high - 1) // size
+    if first == last:
+        return [(level, first, low, high)]
+    whole_low = low if low % size == 0 else (first + 1) * size
+    whole_high = high if high % size == 0 else last * size
+    pieces = [(level, first, low, whole_low)] if low < whole_low else []
+    pieces += _pieces(whole_low, whole_high, level + 1)
+    if whole_high < high:
+        pieces.append((level, last, whole_high, high))
+    return pieces
+
+
+class _Snapshot:
+    """One consistent read: state, log, aggregates, state again (argument 3 above)."""
+
+    def __init__(self, collection):
+        self._raw = collection
+        self._log, self._state, _ = _collections(collection)
+        self._documents = {}
+
+    def count(self, low_ms, high_ms):
+        state = self._state.find_one({"_id": "state"}) or {"round": 0, "records": []}
+        in_round = set(state["records"])
+        self._pending = []  # (round, [ms], [status]) of the records not folded for good
+        for record in self._log.find({}):
+            if not record["_id"].startswith("c:"):
+                continue  # an intent
+            self._pending.append((state["round"] if record["_id"] in in_round else math.inf,
+                                  *_decode_entries(record["entries"])))
+        counts = [0] * STATUSES
+        first_second, last_second = -(-low_ms // 1000), high_ms // 1000
+        if first_second > last_second:  # both bounds inside one second
+            self._add_detail(counts, low_ms, high_ms)
+        else:
+            if low_ms < first_second * 1000:
+                self._add_detail(counts, low_ms, first_second * 1000)
+            for level, bucket, low, high in _pieces(first_second, last_second):
+                self._add_piece(counts, level, bucket, low, high)
+            if last_second * 1000 < high_ms:
+                self._add_detail(counts, last_second * 1000, high_ms)
+        again = self._state.find_one({"_id": "state"}) or {"round": 0}
+        return counts if again["round"] == state["round"] else None
+
+    def _aggregate(self, level, bucket):
+        key = (level, bucket)
+        if key not in self._documents:
+            self._documents[key] = (_home(self._raw, level, bucket).find_one({"_id": _aggregate_id(level, bucket)})
+                                    or {"round": 0, "parts": ""})
+        return self._documents[key]
+
+    def _add_pending(self, counts, since_round, low_ms, high_ms):
+        for number, times, statuses in self._pending:
+            if number > since_round:
+                for index in range(bisect.bisect_left(times, low_ms), bisect.bisect_left(times, high_ms)):
+                    counts[statuses[index]] += 1
+
+    def _add_piece(self, counts, level, bucket, low, high):
+        """Whole seconds [low, high) inside one bucket of `level`."""
+        document = self._aggregate(level, bucket)
+        child_size = LEVELS[level - 1] if level > 0 else 1
+        base = bucket * LEVELS[level] if level < TOP else 0
+        first, last = (low - base) // child_size, (high - base) // child_size
+        for offset, part in _decode_parts(document["parts"]).items():
+            if first <= offset < last:
+                _add(counts, part)
+        self._add_pending(counts, document["round"], low * 1000, high * 1000)
+
+    def _add_detail(self, counts, low_ms, high_ms):
+        """Milliseconds [low_ms, high_ms) inside one second, from its hour's fragments."""
+        second = low_ms // 1000
+        hour = second // HOUR
+        document = self._aggregate(0, hour)
+        home = _fragments_home(self._raw, hour)
+        base = hour * HOUR * 1000
+        for number in _decode_rounds(document.get("rounds", "")).get(second - hour * HOUR, ()):
+            fragment = home.find_one({"_id": f"f:{hour}:{number}"})
+            times, statuses = _decode_entries(fragment["entries"] if fragment else "")
+            for index in range(bisect.bisect_left(times, low_ms - base), bisect.bisect_left(times, high_ms - base)):
+                counts[statuses[index]] += 1
+        self._add_pending(counts, document["round"], low_ms, high_ms)

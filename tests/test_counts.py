@@ -1,0 +1,297 @@
+"""Counts equal the raw aggregation: random messages, ranges, duplicates, redeliveries, a crash
+between every two writes, folders cut short, two writers, and readers racing writers. And
+no count reads the raw collection."""
+
+import random
+import threading
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pymongo
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pymongo import monitoring
+
+import counts
+from conftest import MONGO_URI
+
+# Midnight that starts a 32-day span, so data and ranges cross every level's boundaries.
+BASE = datetime(2026, 12, 13, tzinfo=timezone.utc)
+assert counts.epoch_seconds(BASE) % counts.SPAN == 0
+WINDOW_MS = 2 * 86400 * 1000
+
+
+class Clock:
+    """Wall-clock time that a test can move forward, to hand the folder's lease on."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def __call__(self):
+        return datetime.now(timezone.utc).timestamp() + self.offset
+
+
+class Crash(Exception):
+    """A process dying at that point."""
+
+
+class FolderCutShort(counts.Folder):
+    """A folder that dies after `merges` aggregate writes of its next round."""
+
+    def __init__(self, collection, merges, **options):
+        super().__init__(collection, **options)
+        self._merges_left = merges
+
+    def _merge(self, *arguments):
+        if self._merges_left == 0:
+            raise Crash()
+        self._merges_left -= 1
+        super()._merge(*arguments)
+
+
+@pytest.fixture
+def database(mongo):
+    name = f"test_counts_{uuid.uuid4().hex[:10]}"
+    yield mongo[name]
+    mongo.drop_database(name)
+
+
+def moment(offset_ms):
+    return BASE + timedelta(milliseconds=offset_ms)
+
+
+offsets_ms = st.one_of(
+    st.integers(-WINDOW_MS, WINDOW_MS),
+    st.integers(-3, 3).map(lambda hours: hours * 3_600_000),  # exactly on boundaries
+    st.integers(-2500, 2500),  # around the span boundary, inside seconds
+)
+batches = st.lists(st.tuples(st.integers(0, 40), st.integers(0, 6), offsets_ms), min_size=1, max_size=10)
+ranges = st.tuples(offsets_ms, offsets_ms, st.integers(0, 999)).map(
+    lambda r: (min(r[0], r[1]), max(r[0], r[1]) + r[2] // 500))
+steps = st.lists(st.one_of(
+    st.tuples(st.just("write"), st.sampled_from(["acknowledged", "crash-after-raw-insert", "crash-before-ack"]), batches),
+    st.tuples(st.just("fold"), st.integers(0, 12)),  # merges before the folder dies; 12: it finishes
+    st.tuples(st.just("query"), ranges),
+), min_size=1, max_size=16)
+
+
+def check(collection, low_ms, high_ms):
+    start, end = moment(low_ms), moment(high_ms)
+    assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end), (start, end)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=steps, final_ranges=st.lists(ranges, min_size=1, max_size=4))
+def test_counts_equal_raw_counts_through_crashes_redeliveries_and_folders_cut_short(database, steps, final_ranges):
+    collection = database[f"status_{uuid.uuid4().hex[:8]}"]
+    clock = Clock()
+    writer = counts.BatchWriter(collection)
+    unacknowledged = []  # batches that died before their ack: the broker redelivers them
+    unrecorded = 0  # of those, the ones that died between their raw insert and their record
+
+    def crash_after_raw_insert(point, detail=None):
+        if point == "after-raw-insert":
+            raise Crash()
+
+    def redeliver():
+        """The broker hands the unacknowledged batches to a live server, while a folder starts a
+        little later: a batch meeting the duplicates of a dead one must wait for its recovery."""
+        nonlocal unrecorded
+        folder = threading.Timer(0.3, fold, args=(counts.Folder(collection, recover_after=0, clock=clock),))
+        folder.start()
+        while unacknowledged:
+            writer.write(unacknowledged.pop())
+        if unrecorded:
+            check(collection, -3 * WINDOW_MS, 3 * WINDOW_MS)  # all acknowledged: exact, recovered or not yet folded
+        folder.join()
+        unrecorded = 0
+
+    def fold(folder):
+        """A folder process's life: it folds what there is, or dies; then its lease runs out."""
+        try:
+            while folder.fold_once():
+                pass
+        except Crash:
+            pass
+        clock.offset += 2 * counts.LEASE_SECONDS
+
+    for step in steps:
+        if step[0] == "write":
+            _, outcome, messages = step
+            documents = list({f"m{number}": {"_id": f"m{number}", "status": status, "timestamp": moment(offset)}
+                              for number, status, offset in messages}.values())
+            if outcome == "crash-after-raw-insert":
+                try:
+                    counts.BatchWriter(collection, fault_hook=crash_after_raw_insert).write([dict(d) for d in documents])
+                except Crash:
+                    unacknowledged.append(documents)
+                    unrecorded += 1
+            else:
+                if unrecorded:
+                    redeliver()  # else this batch, meeting their duplicates, would wait for them
+                writer.write([dict(d) for d in documents])
+                if outcome == "crash-before-ack":
+                    unacknowledged.append(documents)
+        elif step[0] == "fold":
+            fold(FolderCutShort(collection, step[1], clock=clock) if step[1] < 12 else counts.Folder(collection, clock=clock))
+        else:
+            low, high = step[1]
+            answer = counts.count(collection, moment(low), moment(high))
+            if not unrecorded:  # a batch recorded but not acknowledged is counted already
+                assert answer == counts.raw_counts(collection, moment(low), moment(high))
+    redeliver()
+    for low, high in final_ranges:
+        check(collection, low, high)
+    check(collection, -40 * 86400 * 1000, 40 * 86400 * 1000)  # more than a whole span
+    fold(counts.Folder(collection, clock=clock))
+    for low, high in final_ranges:
+        check(collection, low, high)
+
+
+def test_readers_racing_writers_and_the_folder_see_every_acknowledged_message(database):
+    """Two writer threads, a folder thread and a reader thread at once: every answer holds at
+    least what was acknowledged before the read began and at most what was written before it
+    ended; and once all is acknowledged, answers equal the raw aggregation."""
+    collection = database["status"]
+    start, end = BASE - timedelta(hours=2), BASE + timedelta(hours=2)
+    acknowledged = [0] * 7  # messages inside [start, end), per status
+    attempted = [0] * 7
+    lock = threading.Lock()
+    stop_folding, failures = threading.Event(), []
+    rng = random.Random(5)
+    plans = [[[{"_id": f"w{writer}-{batch}-{index}", "status": rng.randrange(7),
+                "timestamp": BASE + timedelta(milliseconds=rng.randrange(-3 * 3_600_000, 3 * 3_600_000))}
+               for index in range(50)] for batch in range(30)] for writer in range(2)]
+
+    def inside(document):
+        return start <= document["timestamp"] < end
+
+    def write(plan):
+        writer = counts.BatchWriter(collection)
+        try:
+            for documents in plan:
+                with lock:
+                    for document in filter(inside, documents):
+                        attempted[document["status"]] += 1
+                writer.write(documents)
+                with lock:
+                    for document in filter(inside, documents):
+                        acknowledged[document["status"]] += 1
+        except Exception as error:  # noqa: BLE001 - reported below
+            failures.append(error)
+
+    writers = [threading.Thread(target=write, args=(plan,)) for plan in plans]
+    folder = threading.Thread(target=counts.Folder(collection).run, args=(stop_folding,))
+    folder.start()
+    for thread in writers:
+        thread.start()
+    reads = 0
+    while any(thread.is_alive() for thread in writers) or reads < 5:
+        with lock:
+            before = list(acknowledged)
+        answer = counts.count(collection, start, end)
+        with lock:
+            after = list(attempted)
+        assert all(low <= value <= high for low, value, high in zip(before, answer, after)), (before, answer, after)
+        reads += 1
+    stop_folding.set()
+    folder.join(30)
+    for thread in writers:
+        thread.join(30)
+    assert failures == []
+    assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end) == acknowledged
+
+
+class CommandLog(monitoring.CommandListener):
+    def __init__(self):
+        self.commands = []
+
+    def started(self, event):
+        collection = event.command.get(event.command_name)
+        self.commands.append((event.command_name, collection if isinstance(collection, str) else None,
+                              event.database_name))
+
+    def succeeded(self, event):
+        pass
+
+    def failed(self, event):
+        pass
+
+
+READS = {"find", "aggregate", "count", "distinct", "getMore", "findAndModify", "update", "delete"}
+
+
+def test_no_count_and_no_steady_state_write_reads_the_raw_collection(database):
+    """Every command of the writer's batches, the folder's rounds and the reader's answers,
+    recorded by pymongo's command monitoring: none reads the raw collection."""
+    log = CommandLog()
+    client = pymongo.MongoClient(MONGO_URI, tz_aware=True, event_listeners=[log])
+    try:
+        collection = client[database.name]["status"]
+        writer, folder = counts.BatchWriter(collection), counts.Folder(collection)
+        rng = random.Random(3)
+        for batch in range(5):
+            writer.write([{"_id": f"m{batch}-{index}", "status": rng.randrange(7),
+                           "timestamp": BASE + timedelta(milliseconds=rng.randrange(-WINDOW_MS, WINDOW_MS))}
+                          for index in range(100)])
+            folder.fold_once()
+        bounds = [(BASE - timedelta(days=40), BASE + timedelta(days=40)),
+                  (BASE - timedelta(hours=1, milliseconds=-7), BASE + timedelta(seconds=3.5)),
+                  (BASE + timedelta(milliseconds=100), BASE + timedelta(milliseconds=900)),
+                  (BASE - timedelta(days=1, microseconds=1), BASE + timedelta(days=1, microseconds=999)),
+                  (BASE + timedelta(days=300), BASE + timedelta(days=301))]
+        del log.commands[:]
+        for start, end in bounds:
+            counts.count(collection, start, end)
+        reader_commands = list(log.commands)
+        assert [c for c in log.commands if c[1] == "status" and c[0] in READS] == []
+        assert len(reader_commands) <= 30 * len(bounds)
+    finally:
+        client.close()
+    assert [c for c in reader_commands if c[0] not in ("find",)] == []
+
+
+def test_a_thirty_day_count_reads_a_few_small_documents(database):
+    """Once folded, a 30-day count with bounds inside seconds looks up about a dozen documents by _id."""
+    log = CommandLog()
+    client = pymongo.MongoClient(MONGO_URI, tz_aware=True, event_listeners=[log])
+    try:
+        collection = client[database.name]["status"]
+        documents = [{"_id": f"m{i}", "status": i % 7, "timestamp": BASE - timedelta(seconds=37 * i, milliseconds=i % 1000)}
+                     for i in range(5000)]
+        counts.BatchWriter(collection).write(documents)
+        counts.Folder(collection).fold_once()
+        start, end = BASE - timedelta(days=30, seconds=-7, milliseconds=250), BASE - timedelta(seconds=13, milliseconds=500)
+        del log.commands[:]
+        answer = counts.count(collection, start, end)
+        lookups = len(log.commands)
+        assert answer == counts.raw_counts(collection, start, end)
+    finally:
+        client.close()
+    assert lookups <= 16, lookups
+
+
+@given(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)).map(
+    lambda naive: naive.replace(tzinfo=timezone.utc)))
+def test_epoch_seconds_is_the_exact_second(moment):
+    exact = (moment - counts.EPOCH) // timedelta(seconds=1)
+    assert counts.epoch_seconds(moment) == exact
+    last_microsecond = moment.replace(microsecond=999_999)  # where a rounded float would carry into the next second
+    assert counts.epoch_seconds(last_microsecond) == exact
+    assert counts.epoch_seconds(moment.replace(tzinfo=None)) == exact
+    assert counts.epoch_ms(moment) == (moment - counts.EPOCH) // timedelta(milliseconds=1)
+
+
+@pytest.mark.parametrize("seconds", [2**33 - 1, 2**33, -(2**33), -(2**33) + 1, 2**37, -1, 0])
+def test_epoch_seconds_at_the_float_bound(seconds):
+    for microsecond in (0, 1, 999_999):
+        moment = counts.EPOCH + timedelta(seconds=seconds, microseconds=microsecond)
+        assert counts.epoch_seconds(moment) == seconds
+
+
+@given(st.lists(st.tuples(st.integers(-(10**13), 10**13), st.integers(0, 6)), max_size=50))
+def test_entries_encode_and_decode(entries):
+    entries = sorted(entries)
+    times, statuses = counts._decode_entries(counts._encode_entries(entries))
+    assert list(zip(times, statuses)) == entries
