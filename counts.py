@@ -12,17 +12,17 @@ Layout, for raw collection `status` (`<c>` below); the number of collections is 
 but for two per day of data:
 - `<c>_counts_log`: per batch an intent `{_id: "i:<batch>", owner, at}`, inserted before
   the raw insert, and a record `{_id: "c:<batch>", entries}` of the documents the batch
-  created (their millisecond times and statuses), inserted after it. Small: the folder
-  deletes what it has folded.
-- `<c>_counts_state`: `{_id: "state", round, records}`, the folder's current round, and
-  `lease:<slot>` documents that elect the one folder.
+  created (their millisecond times and statuses), inserted after it; `{_id: "state",
+  round, records}`, the folder's current round; `lease:<slot>` documents that elect the
+  one folder. Small: the folder deletes what it has folded.
 - `<c>_counts`: a document per day (counts per hour), per 32-day span (counts per day)
   and `all` (counts per span), each `{_id, round, parts}`.
 - `<c>_counts_<YYYYMMDD>`: a document per hour of that day, with counts per second and,
-  per second, the rounds whose fragments hold that second's millisecond detail.
-- `<c>_counts_<YYYYMMDD>_ms`: the fragments `{_id: "f:<hour>:<round>", entries}`: each
-  round's millisecond times and statuses within one hour. Read only for a bound inside a
-  second.
+  per second, the tags of the fragments that hold that second's millisecond detail.
+- `<c>_counts_<YYYYMMDD>_ms`: the fragments `{_id: "f:<hour>:<tag>", entries}`: each
+  round's millisecond times and statuses within one hour, grouped by second (tag: the
+  round), or all of an hour's merged into one (tag: "<round>c") once a second is spread
+  over more than MAX_FRAGMENTS_PER_SECOND. Read only for a bound inside a second.
 Every raw document carries `batch`, the id of the batch that inserted it.
 
 The store is FerretDB 1.24 by default: it answers a lookup of one string _id from SQL,
@@ -94,6 +94,9 @@ DUPLICATE_KEY = 11000
 RECOVER_AFTER_SECONDS = 60
 LEASE_SECONDS = 10
 FOLD_INTERVAL_SECONDS = 0.5
+# A second whose detail is spread over more fragments than this has its hour's fragments
+# merged into one, so that a bound inside a second costs a few lookups at most.
+MAX_FRAGMENTS_PER_SECOND = 4
 READ_ATTEMPTS = 20
 
 
@@ -114,7 +117,7 @@ def epoch_ms(moment):
 
 def _collections(collection):
     database, name = collection.database, collection.name
-    return database[f"{name}_counts_log"], database[f"{name}_counts_state"], database[f"{name}_counts"]
+    return database[f"{name}_counts_log"], database[f"{name}_counts"]
 
 
 def _hours_home(collection, hour):
@@ -131,7 +134,7 @@ def _aggregate_id(level, bucket):
 
 
 def _home(collection, level, bucket):
-    return _hours_home(collection, bucket) if level == 0 else _collections(collection)[2]
+    return _hours_home(collection, bucket) if level == 0 else _collections(collection)[1]
 
 
 # -- encodings: strings, since FerretDB stores a type schema beside every field ----------
@@ -163,30 +166,87 @@ def _decode_entries(text):
     return times, statuses
 
 
+def _encode_seconds(entries):
+    """Sorted [(ms in hour, status)] -> ";second:ms in second·10+status,...;..." (a fragment: a
+    reader finds one second's entries by a substring search, without decoding the rest)."""
+    by_second = {}
+    for ms, status in entries:
+        by_second.setdefault(ms // 1000, []).append(str(ms % 1000 * 10 + status))
+    return "".join(f";{second}:{','.join(values)}" for second, values in by_second.items())
+
+
+def _decode_second(text, second):
+    """[(ms in second, status)] of one second of a fragment."""
+    start = text.find(f";{second}:")
+    if start < 0:
+        return []
+    start = text.index(":", start) + 1
+    end = text.find(";", start)
+    return [divmod(int(value), 10) for value in text[start:end if end >= 0 else len(text)].split(",")]
+
+
+def _decode_all_seconds(text):
+    """Every [(ms in hour, status)] of a fragment."""
+    entries = []
+    for part in text.split(";")[1:]:
+        second, values = part.split(":")
+        base = int(second) * 1000
+        entries.extend((base + value // 10, value % 10) for value in map(int, values.split(",")))
+    return entries
+
+
 def _encode_parts(parts):
-    """{child offset: [7 counts]} -> "offset:c0,...,c6;..." """
-    return ";".join(f"{offset}:{','.join(map(str, counts))}" for offset, counts in sorted(parts.items()))
+    """{child offset: [7 counts]} -> "offset,...|cumulative counts;...": the offsets present,
+    ascending, and for each the counts of every offset up to it, so that a reader sums any
+    run of children from two entries."""
+    offsets, running, cumulative = sorted(parts), [0] * STATUSES, []
+    for offset in offsets:
+        _add(running, parts[offset])
+        cumulative.append(",".join(map(str, running)))
+    return f"{','.join(map(str, offsets))}|{';'.join(cumulative)}" if offsets else ""
 
 
 def _decode_parts(text):
-    parts = {}
-    for part in text.split(";") if text else ():
-        offset, counts = part.split(":")
-        parts[int(offset)] = [int(count) for count in counts.split(",")]
+    """The inverse of _encode_parts."""
+    offsets, cumulative = _split_parts(text)
+    parts, previous = {}, [0] * STATUSES
+    for offset, entry in zip(offsets, cumulative):
+        running = [int(count) for count in entry.split(",")]
+        parts[offset] = [now - before for now, before in zip(running, previous)]
+        previous = running
     return parts
 
 
-def _encode_rounds(rounds):
-    """{second offset: [rounds]} -> "offset:r,r;..." """
-    return ";".join(f"{offset}:{','.join(map(str, sorted(numbers)))}" for offset, numbers in sorted(rounds.items()))
+def _split_parts(text):
+    if not text:
+        return [], []
+    offsets, cumulative = text.split("|")
+    return [int(offset) for offset in offsets.split(",")], cumulative.split(";")
 
 
-def _decode_rounds(text):
-    rounds = {}
+def _sum_parts(split, first, last):
+    """[7 counts] of the children with first <= offset < last, from _split_parts's answer."""
+    offsets, cumulative = split
+    low, high = bisect.bisect_left(offsets, first), bisect.bisect_left(offsets, last)
+    if low >= high:
+        return [0] * STATUSES
+    top = [int(count) for count in cumulative[high - 1].split(",")]
+    if low == 0:
+        return top
+    return [a - b for a, b in zip(top, (int(count) for count in cumulative[low - 1].split(",")))]
+
+
+def _encode_fragments(fragments):
+    """{second offset: [fragment tags]} -> "offset:tag,tag;..." """
+    return ";".join(f"{offset}:{','.join(tags)}" for offset, tags in sorted(fragments.items()))
+
+
+def _decode_fragments(text):
+    fragments = {}
     for part in text.split(";") if text else ():
-        offset, numbers = part.split(":")
-        rounds[int(offset)] = [int(number) for number in numbers.split(",")]
-    return rounds
+        offset, tags = part.split(":")
+        fragments[int(offset)] = tags.split(",")
+    return fragments
 
 
 def _add(counts, more):
@@ -296,11 +356,12 @@ class Folder:
 
     def __init__(self, collection, recover_after=RECOVER_AFTER_SECONDS, clock=time.time):
         self._raw = collection
-        self._log, self._state, self._aggregates = _collections(collection)
+        self._log, self._aggregates = _collections(collection)
         self._recover_after = recover_after
         self._clock = clock
         self._name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._slots = set()  # lease slots this folder holds
+        self._superseded = []  # (collection, [fragment ids]) merged by the last round
 
     # lease ------------------------------------------------------------------
 
@@ -317,11 +378,11 @@ class Folder:
             if candidate in self._slots:
                 continue
             try:
-                self._state.insert_one({"_id": f"lease:{candidate}", "folder": self._name})
+                self._log.insert_one({"_id": f"lease:{candidate}", "folder": self._name})
                 self._slots.add(candidate)
                 if candidate - 1 not in self._slots:
                     LOG.info("folding counts (lease from slot %d)", candidate)
-                self._state.delete_many({"_id": {"$in": [f"lease:{old}" for old in range(candidate - 8, candidate - 2)]}})
+                self._log.delete_many({"_id": {"$in": [f"lease:{old}" for old in range(candidate - 8, candidate - 2)]}})
             except DuplicateKeyError:
                 pass
         self._slots = {held for held in self._slots if held >= slot}
@@ -357,7 +418,7 @@ class Folder:
             return False
         log = list(self._log.find({}))
         self._recover(log)
-        state = self._state.find_one({"_id": "state"}) or {"round": 0, "records": []}
+        state = next((record for record in log if record["_id"] == "state"), {"round": 0, "records": []})
         unfinished = [record for record in log if record["_id"] in set(state["records"])]
         if unfinished:  # a round cut short: finish it with the same records
             number, records = state["round"], unfinished
@@ -368,8 +429,11 @@ class Folder:
             number = state["round"] + 1
             if not self._still_holds():
                 return False
-            self._state.replace_one({"_id": "state"}, {"round": number, "records": [r["_id"] for r in records]},
+            self._log.replace_one({"_id": "state"}, {"round": number, "records": [r["_id"] for r in records]},
                                     upsert=True)
+            for home, ids in self._superseded:  # a reader that saw them started before this round: it reads again
+                self._raw.database[home].delete_many({"_id": {"$in": ids}})
+            self._superseded = []
         try:
             self._apply(number, records)
         except _LeaseLost:
@@ -391,7 +455,7 @@ class Folder:
         by_home = {}
         for hour, entries in fragments.items():
             by_home.setdefault(_fragments_home(self._raw, hour).name, []).append(
-                {"_id": f"f:{hour}:{number}", "entries": _encode_entries(sorted(entries))})
+                {"_id": f"f:{hour}:{number}", "entries": _encode_seconds(sorted(entries))})
         for home, documents in by_home.items():
             try:
                 self._raw.database[home].insert_many(documents, ordered=False)
@@ -427,11 +491,30 @@ class Folder:
             _add(merged.setdefault(offset, [0] * STATUSES), counts)
         document = {"round": number, "parts": _encode_parts(merged)}
         if level == 0:
-            rounds = _decode_rounds(current.get("rounds", ""))
+            fragments = _decode_fragments(current.get("fragments", ""))
             for offset in parts:
-                rounds.setdefault(offset, []).append(number)
-            document["rounds"] = _encode_rounds(rounds)
+                fragments.setdefault(offset, []).append(str(number))
+            if max(map(len, fragments.values())) > MAX_FRAGMENTS_PER_SECOND:
+                fragments = self._compact(number, bucket, fragments)
+            document["fragments"] = _encode_fragments(fragments)
         home.replace_one({"_id": _id}, document, upsert=True)
+
+    def _compact(self, number, hour, fragments):
+        """Merge every fragment of an hour into one, tagged "<round>c"; the others are deleted
+        in the next round, once no reader can still be reading the hour document that named them."""
+        home = _fragments_home(self._raw, hour)
+        tags = sorted({tag for tags in fragments.values() for tag in tags})
+        entries = []
+        for tag in tags:
+            fragment = home.find_one({"_id": f"f:{hour}:{tag}"})
+            entries.extend(_decode_all_seconds(fragment["entries"] if fragment else ""))
+        merged = f"{number}c"
+        try:
+            home.insert_one({"_id": f"f:{hour}:{merged}", "entries": _encode_seconds(sorted(entries))})
+        except DuplicateKeyError:
+            pass  # written by this round's first attempt, from the same fragments
+        self._superseded.append((home.name, [f"f:{hour}:{tag}" for tag in tags]))
+        return {offset: [merged] for offset in fragments}
 
     def _recover(self, log):
         """Close the intents whose batch died before its record, from the raw documents it stamped."""
@@ -520,16 +603,17 @@ class _Snapshot:
 
     def __init__(self, collection):
         self._raw = collection
-        self._log, self._state, _ = _collections(collection)
+        self._log = _collections(collection)[0]
         self._documents = {}
 
     def count(self, low_ms, high_ms):
-        state = self._state.find_one({"_id": "state"}) or {"round": 0, "records": []}
+        log = list(self._log.find({}))  # the state first (argument 3), then the records
+        state = next((record for record in log if record["_id"] == "state"), {"round": 0, "records": []})
         in_round = set(state["records"])
         self._pending = []  # (round, [ms], [status]) of the records not folded for good
-        for record in self._log.find({}):
+        for record in log:
             if not record["_id"].startswith("c:"):
-                continue  # an intent
+                continue  # the state, an intent, a lease
             self._pending.append((state["round"] if record["_id"] in in_round else math.inf,
                                   *_decode_entries(record["entries"])))
         counts = [0] * STATUSES
@@ -543,7 +627,7 @@ class _Snapshot:
                 self._add_piece(counts, level, bucket, low, high)
             if last_second * 1000 < high_ms:
                 self._add_detail(counts, last_second * 1000, high_ms)
-        again = self._state.find_one({"_id": "state"}) or {"round": 0}
+        again = self._log.find_one({"_id": "state"}) or {"round": 0}
         return counts if again["round"] == state["round"] else None
 
     def _aggregate(self, level, bucket):
@@ -565,9 +649,9 @@ class _Snapshot:
         child_size = LEVELS[level - 1] if level > 0 else 1
         base = bucket * LEVELS[level] if level < TOP else 0
         first, last = (low - base) // child_size, (high - base) // child_size
-        for offset, part in _decode_parts(document["parts"]).items():
-            if first <= offset < last:
-                _add(counts, part)
+        if "split" not in document:
+            document["split"] = _split_parts(document["parts"])
+        _add(counts, _sum_parts(document["split"], first, last))
         self._add_pending(counts, document["round"], low * 1000, high * 1000)
 
     def _add_detail(self, counts, low_ms, high_ms):
@@ -576,10 +660,10 @@ class _Snapshot:
         hour = second // HOUR
         document = self._aggregate(0, hour)
         home = _fragments_home(self._raw, hour)
-        base = hour * HOUR * 1000
-        for number in _decode_rounds(document.get("rounds", "")).get(second - hour * HOUR, ()):
-            fragment = home.find_one({"_id": f"f:{hour}:{number}"})
-            times, statuses = _decode_entries(fragment["entries"] if fragment else "")
-            for index in range(bisect.bisect_left(times, low_ms - base), bisect.bisect_left(times, high_ms - base)):
-                counts[statuses[index]] += 1
+        low, high = low_ms - second * 1000, high_ms - second * 1000
+        for tag in _decode_fragments(document.get("fragments", "")).get(second - hour * HOUR, ()):
+            fragment = home.find_one({"_id": f"f:{hour}:{tag}"})
+            for ms, status in _decode_second(fragment["entries"] if fragment else "", second - hour * HOUR):
+                if low <= ms < high:
+                    counts[status] += 1
         self._add_pending(counts, document["round"], low_ms, high_ms)

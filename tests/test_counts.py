@@ -295,3 +295,12 @@ def test_entries_encode_and_decode(entries):
     entries = sorted(entries)
     times, statuses = counts._decode_entries(counts._encode_entries(entries))
     assert list(zip(times, statuses)) == entries
+
+
+@given(st.dictionaries(st.integers(0, 3599), st.lists(st.integers(0, 10**6), min_size=7, max_size=7), max_size=40),
+       st.integers(0, 3600), st.integers(0, 3600))
+def test_parts_encode_decode_and_sum_any_run(parts, first, last):
+    text = counts._encode_parts(parts)
+    assert counts._decode_parts(text) == parts
+    expected = [sum(parts[offset][status] for offset in parts if first <= offset < last) for status in range(7)]
+    assert counts._sum_parts(counts._split_parts(text), first, last) == expected
