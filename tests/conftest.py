@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -46,7 +47,8 @@ def wait_until(condition, timeout=30.0, what="the condition", interval=0.05):
 
 
 def management(method, path, body=None):
-    """One call to RabbitMQ's management HTTP API, as the user of RABBITMQ_URL."""
+    """One call to RabbitMQ's management HTTP API, as the user of RABBITMQ_URL. Deleting what is
+    gone already (a broker restarted on other data, say) is no error."""
     url = urllib.parse.urlsplit(RABBITMQ_URL)
     auth = base64.b64encode(f"{url.username}:{url.password}".encode()).decode()
     request = urllib.request.Request(f"http://{url.hostname}:15672/api{path}", method=method,
@@ -54,6 +56,9 @@ def management(method, path, body=None):
                                      headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"})
     try:
         urllib.request.urlopen(request, timeout=30).close()
+    except urllib.error.HTTPError as error:
+        if not (method == "DELETE" and error.code == 404):
+            pytest.fail(f"RabbitMQ management API: {method} {path} failed ({error})")
     except OSError as error:
         pytest.fail(f"RabbitMQ management API: {method} {path} failed ({error}); run scripts/services up")
 
