@@ -8,8 +8,11 @@ publisher confirms and the mandatory flag. Up to --window messages wait for
 their confirm at once, so confirms cost no round trip per message. On a lost
 connection the client reconnects with capped, jittered backoff and republishes
 every unconfirmed message with its original message_id (the server stores it
-once). It exits non-zero only when a message was refused (nacked or
-unroutable) or when it gave up with messages still unconfirmed.
+once). It exits non-zero only when a message was refused (nacked, refused by
+a topic permission, or unroutable) or when it gave up with messages still
+unconfirmed. Once server.py has declared its topology, the exchange's
+alternate exchange keeps whatever no binding matches: such a message is
+confirmed, and server.py moves it to the dead-letter queue with its reason.
 """
 
 import argparse
@@ -26,9 +29,10 @@ from datetime import datetime, timezone
 
 import paho.mqtt.client as mqtt
 import pika
-from pika.exceptions import ProbableAccessDeniedError, ProbableAuthenticationError
+from pika.exceptions import ChannelClosedByBroker, ProbableAccessDeniedError, ProbableAuthenticationError
 
 import config
+from messages import DEVICE_ID, DEVICE_ID_RULE
 
 LOG = logging.getLogger("client")
 
@@ -147,7 +151,16 @@ class AmqpPublisher:
         self._publish_more()
 
     def _on_channel_closed(self, channel, reason):
-        if not self._finished():
+        if isinstance(reason, ChannelClosedByBroker) and reason.reply_code == 403 and not self._finished():
+            # A topic permission refuses this routing key: every message would be refused again.
+            refused = len(self._unconfirmed) + len(self._to_resend)
+            LOG.error("RabbitMQ refused to publish to %s with key %s: %s; %d messages refused",
+                      config.EXCHANGE, config.ROUTING_KEY, reason.reply_text, refused)
+            self.refused += refused
+            self._unconfirmed.clear()
+            self._to_resend.clear()
+            self._remaining = 0
+        elif not self._finished():
             LOG.warning("channel closed: %s", reason)
         if self._connection.is_open:
             self._connection.close()
@@ -201,8 +214,9 @@ class AmqpPublisher:
             if message_id in self._returned:
                 self._returned.discard(message_id)
                 self.refused += 1
-                LOG.error("unroutable: no queue is bound to %s with key %s (start server.py once to create %s); "
-                          "message %s not delivered", config.EXCHANGE, config.ROUTING_KEY, config.QUEUE, message_id)
+                LOG.error("unroutable: no queue is bound to %s with key %s, nor to its alternate exchange (start "
+                          "server.py once to create %s); message %s not delivered", config.EXCHANGE,
+                          config.ROUTING_KEY, config.QUEUE, message_id)
             elif not acked:
                 self.refused += 1
                 LOG.error("RabbitMQ refused message %s (nack)", message_id)
@@ -354,6 +368,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.count is not None and args.count < 0 or args.interval < 0 or args.window < 1:
         parser.error("--count, --interval must not be negative and --window must be at least 1")
+    if args.device_id is not None and not DEVICE_ID.fullmatch(args.device_id):
+        parser.error(f"--device-id must be {DEVICE_ID_RULE}")
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")  # libraries: warnings only
     LOG.setLevel(args.log_level)
     logging.getLogger("pika").setLevel(logging.CRITICAL)

@@ -7,12 +7,20 @@ dead-letter header. The contract is documented in README.md ("Message format").
 
 import json
 import math
+import re
 from datetime import datetime, timedelta, timezone
 
 from dateutil.parser import isoparse
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_ID_LENGTH = 128
+# Identifiers are ASCII, so characters are bytes. A device id travels in the routing key
+# devices.<id>.status, an AMQP short string of at most 255 bytes, and in the MQTT topic
+# devices/<id>/status: no '.', '/', '#', '+' or '*' (topic separators and wildcards).
+DEVICE_ID = re.compile(r"[A-Za-z0-9_:-]{1,%d}" % MAX_ID_LENGTH)
+DEVICE_ID_RULE = f"1..{MAX_ID_LENGTH} ASCII letters, digits, '-', '_' or ':'"
+MESSAGE_ID = re.compile(r"[!-~]{1,%d}" % MAX_ID_LENGTH)
+MESSAGE_ID_RULE = f"1..{MAX_ID_LENGTH} visible ASCII characters (no spaces)"
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 STATUSES = range(0, 7)
 
@@ -30,6 +38,15 @@ def parse_time(text):
     if moment.tzinfo is None:
         return moment.replace(tzinfo=timezone.utc)
     return moment.astimezone(timezone.utc)
+
+
+def routing_key_device_id(routing_key):
+    """The <id> of a routing key devices.<id>.status (MQTT topic devices/<id>/status), or None
+    for any other key. The id is returned as it is, valid or not: to_document checks it."""
+    parts = routing_key.split(".")
+    if len(parts) == 3 and parts[0] == "devices" and parts[2] == "status":
+        return parts[1]
+    return None
 
 
 def to_document(body, message_id=None, amqp_timestamp=None, topic_device_id=None, received_at=None):
@@ -108,8 +125,10 @@ _JSON = json.JSONDecoder(object_hook=_checked_object, parse_constant=_no_constan
 
 
 def _identifier(name, value):
-    if type(value) is not str or not 1 <= len(value) <= MAX_ID_LENGTH:
-        raise InvalidMessage(f"{name} must be a string of 1..{MAX_ID_LENGTH} characters, got {_show(value)}")
+    """A message_id, or a device_id from the body or the topic: the same rule everywhere."""
+    pattern, rule = (MESSAGE_ID, MESSAGE_ID_RULE) if name == "message_id" else (DEVICE_ID, DEVICE_ID_RULE)
+    if type(value) is not str or not pattern.fullmatch(value):
+        raise InvalidMessage(f"{name} must be {rule}, got {_show(value)}")
     return value
 
 

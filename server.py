@@ -11,7 +11,8 @@ redelivery, never loss; a redelivered message is stored once because its
 message_id is the document's _id. Each batch also records the counts of the
 documents it created, and one process folds those records into the counts the
 API reads (counts.py). An invalid message goes to the dead-letter queue with
-its reason and is never retried.
+its reason and is never retried, and so does a message that no binding
+matched, which the exchange's alternate exchange (set by a policy) kept.
 """
 
 import argparse
@@ -32,14 +33,24 @@ from pymongo.errors import OperationFailure, PyMongoError
 
 import config
 import counts
-from messages import InvalidMessage, to_document
+from messages import InvalidMessage, routing_key_device_id, to_document
 
 LOG = logging.getLogger("server")
 
 DEVICE_ROUTING_KEY = "devices.*.status"  # MQTT topic devices/<id>/status
 DEAD_LETTER_EXCHANGE = f"{config.QUEUE}.dlx"
 DEAD_LETTER_QUEUE = f"{config.QUEUE}.dead"
+# A message that no binding of EXCHANGE matches goes to its alternate exchange, named by the
+# policy of rabbitmq/definitions.json, and from there to a queue of this server's.
+UNROUTABLE_EXCHANGE = f"{config.EXCHANGE}.unroutable"
+UNROUTABLE_QUEUE = f"{config.QUEUE}.unroutable"
 REASON_HEADER = "x-rejected-reason"
+# RabbitMQ closes the connection with 541 when it cannot send a delivery: one whose routing
+# key is longer than the 255 bytes of an AMQP short string (an MQTT topic may be longer).
+INTERNAL_ERROR = 541
+# After a 541, messages are taken one at a time so that only the one that cannot be sent is
+# returned (and counted towards its delivery limit), until no delivery has failed for this long.
+ONE_AT_A_TIME_SECONDS = 10
 # A message that kills the server before it is acknowledged comes back with a growing
 # delivery count; after this many deliveries the broker dead-letters it.
 DELIVERY_LIMIT = 20
@@ -83,8 +94,11 @@ class StatusServer:
         self._failing_writers = 0  # writers retrying a failed write, to log an outage once
         self._recovered_at = float("-inf")  # when the last outage ended
         self._outage_lock = threading.Lock()
+        self._one_at_a_time = False  # after a 541, until ONE_AT_A_TIME_SECONDS pass without one
+        self._failed_deliveries = 0  # 541s since the last healthy connection
         self._stored = 0
         self._dead = 0
+        self._unroutable = 0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -102,12 +116,19 @@ class StatusServer:
             started = time.monotonic()
             try:
                 self._connect()
-                self._consume()
+                if self._consume():
+                    continue  # back to the whole prefetch window, at once
             except (ConnectionClosedByBroker, AMQPConnectionError, ConnectionError) as error:
                 if self._stopping:
                     break
+                if getattr(error, "reply_code", None) == INTERNAL_ERROR:
+                    self._delivery_failed(error)
+                    continue  # the broker is up: at once, one message at a time
                 self._went_down(f"RabbitMQ connection lost ({error!r})")
             except ChannelClosedByBroker as error:
+                if error.reply_code == INTERNAL_ERROR:
+                    self._delivery_failed(error)
+                    continue
                 if error.reply_code in (403, 404, 406):
                     LOG.error("RabbitMQ refused the topology: %s", error)
                     raise SystemExit(1) from None
@@ -126,7 +147,8 @@ class StatusServer:
         for writer in writers:
             writer.join(timeout=max(0.0, deadline - time.monotonic()))
         folding.set()
-        LOG.info("stopped: %d stored, %d dead-lettered", self._stored, self._dead)
+        LOG.info("stopped: %d stored, %d dead-lettered (%d of them unroutable)", self._stored, self._dead,
+                 self._unroutable)
 
     def _went_down(self, why):
         if self._down_since is None:
@@ -134,6 +156,19 @@ class StatusServer:
             LOG.warning("%s; reconnecting", why)
         else:
             LOG.debug("%s; still reconnecting", why)
+
+    def _delivery_failed(self, error):
+        self._failed_deliveries += 1
+        if self._one_at_a_time:
+            LOG.debug("RabbitMQ could not deliver a message again (%s); %d failures", error, self._failed_deliveries)
+        else:
+            self._one_at_a_time = True
+            LOG.error("RabbitMQ closed the connection with %d %s: it cannot deliver a message of %s or %s, most "
+                      "likely one whose routing key is longer than the 255 bytes AMQP allows (an MQTT topic that no "
+                      "topic permission refused); taking one message at a time so that only it is returned, until "
+                      "the broker dead-letters it to %s after %d deliveries", error.reply_code, error.reply_text,
+                      config.QUEUE, UNROUTABLE_QUEUE, DEAD_LETTER_QUEUE, DELIVERY_LIMIT)
+        self._sleep(0.1)  # not a busy loop, should the cause be another
 
     def stop(self, *_):
         if not self._stopping:
@@ -154,25 +189,33 @@ class StatusServer:
         self._channel = self._connection.channel()
         self._declare_topology(self._channel)
         self._channel.confirm_delivery()  # dead-letter publishes are confirmed before the ack
-        self._channel.basic_qos(prefetch_count=PREFETCH)
+        self._channel.basic_qos(prefetch_count=1 if self._one_at_a_time else PREFETCH)
         if self._down_since is not None:
             LOG.info("RabbitMQ is back after %.1fs", time.monotonic() - self._down_since)
             self._down_since = None
-        LOG.info("connected to RabbitMQ, consuming %s", config.QUEUE)
+        LOG.log(logging.DEBUG if self._failed_deliveries > 1 else logging.INFO,  # once per 541 streak
+                "connected to RabbitMQ, consuming %s and %s%s", config.QUEUE, UNROUTABLE_QUEUE,
+                " one message at a time" if self._one_at_a_time else "")
 
     @staticmethod
     def _declare_topology(channel):
+        """EXCHANGE is declared without arguments, so that any publisher may declare it too:
+        its alternate exchange comes from a policy (rabbitmq/definitions.json)."""
         channel.exchange_declare(config.EXCHANGE, exchange_type="topic", durable=True)
         channel.exchange_declare(DEAD_LETTER_EXCHANGE, exchange_type="fanout", durable=True)
         channel.queue_declare(DEAD_LETTER_QUEUE, durable=True)
         channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
-        channel.queue_declare(config.QUEUE, durable=True, arguments={
+        arguments = {
             "x-queue-type": "quorum",
             "x-delivery-limit": DELIVERY_LIMIT,
             "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
-        })
+        }
+        channel.queue_declare(config.QUEUE, durable=True, arguments=arguments)
         channel.queue_bind(config.QUEUE, config.EXCHANGE, routing_key=config.ROUTING_KEY)
         channel.queue_bind(config.QUEUE, config.EXCHANGE, routing_key=DEVICE_ROUTING_KEY)
+        channel.exchange_declare(UNROUTABLE_EXCHANGE, exchange_type="fanout", durable=True)
+        channel.queue_declare(UNROUTABLE_QUEUE, durable=True, arguments=arguments)
+        channel.queue_bind(UNROUTABLE_QUEUE, UNROUTABLE_EXCHANGE)
 
     def _create_indexes(self):
         delay = 1.0
@@ -188,36 +231,43 @@ class StatusServer:
     # -- consuming (main thread: the only one that touches pika) ---------------
 
     def _consume(self):
-        tag = self._channel.basic_consume(config.QUEUE, self._on_message)
+        """Consume until stopped; True when it closed the connection to consume with the whole window."""
+        tags = [self._channel.basic_consume(config.QUEUE, self._on_message),
+                self._channel.basic_consume(UNROUTABLE_QUEUE, self._on_unroutable)]
         cancelled = False
         shutdown_deadline = None
+        connected_at = time.monotonic()
         while True:
             self._connection.process_data_events(time_limit=0.01 if self._unacknowledged() or self._batch else 0.25)
             self._acknowledge_written()
             if self._stopping and not cancelled:
-                self._channel.basic_cancel(tag)
+                for tag in tags:
+                    self._channel.basic_cancel(tag)
                 cancelled = True
                 shutdown_deadline = time.monotonic() + SHUTDOWN_SECONDS
+            if (self._one_at_a_time and not cancelled and not self._batch and not self._unacknowledged()
+                    and time.monotonic() - connected_at > ONE_AT_A_TIME_SECONDS):
+                LOG.info("no delivery failed for %ds (%d failed before): consuming with the whole window again",
+                         ONE_AT_A_TIME_SECONDS, self._failed_deliveries)
+                self._one_at_a_time, self._failed_deliveries = False, 0
+                self._connection.close()
+                return True
             if self._batch and (cancelled or len(self._batch) >= BATCH_SIZE
                                 or time.monotonic() - self._batch_started >= FLUSH_SECONDS):
                 self._hand_to_writer()
             if cancelled and not self._batch and not self._unacknowledged():
                 self._connection.close()
-                return
+                return False
             if cancelled and time.monotonic() > shutdown_deadline:
                 LOG.warning("MongoDB did not take the last messages in time; they stay in the queue")
                 self._connection.close()
-                return
+                return False
 
     def _on_message(self, channel, method, properties, body):
         self._fault_hook("message", properties.message_id)
-        topic_device_id = None
-        parts = method.routing_key.split(".")
-        if len(parts) == 3 and parts[0] == "devices" and parts[2] == "status":
-            topic_device_id = parts[1]
         try:
             document = to_document(body, message_id=properties.message_id, amqp_timestamp=properties.timestamp,
-                                   topic_device_id=topic_device_id)
+                                   topic_device_id=routing_key_device_id(method.routing_key))
         except InvalidMessage as error:
             self._dead_letter(method, properties, body, str(error))
             return
@@ -228,6 +278,11 @@ class StatusServer:
         if not self._batch:
             self._batch_started = time.monotonic()
         self._batch.append((method, properties, body, document))
+
+    def _on_unroutable(self, channel, method, properties, body):
+        """A message that no binding of EXCHANGE matched, kept by its alternate exchange."""
+        self._unroutable += 1
+        self._dead_letter(method, properties, body, f"unroutable: {method.routing_key}")
 
     def _dead_letter(self, method, properties, body, reason):
         LOG.warning("rejected message %s from %r: %s", properties.message_id or "-", method.routing_key, reason)

@@ -83,7 +83,7 @@ class Publisher(threading.Thread):
         while not self.stopping.is_set():
             due = started + self.sent / self.rate
             if time.perf_counter() < due:
-                connection.sleep(min(0.005, due - time.perf_counter()))
+                connection.sleep(min(0.005, max(0.0, due - time.perf_counter())))
                 continue
             now = datetime.now(timezone.utc)
             moment = now - timedelta(milliseconds=self.rng.randrange(86_400_000)) if self.sent % 20 == 19 else now

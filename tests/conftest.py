@@ -1,7 +1,8 @@
 """Fixtures over the real services started by `scripts/services up`.
 
 Every test gets its own exchange, queue and database, so tests never see each
-other's messages. A service that cannot be reached fails the test.
+other's messages; MQTT tests get RabbitMQ virtual hosts of this test run's own.
+A service that cannot be reached fails the test.
 """
 
 import base64
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -24,8 +26,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@localhost:5672/%2F")
-MQTT_VHOST = "status-pipeline-tests"
-MQTT_USERNAME = f"{MQTT_VHOST}:{urllib.parse.urlsplit(RABBITMQ_URL).username}"  # RabbitMQ's way of naming the vhost
+RABBITMQ_USER = urllib.parse.urlsplit(RABBITMQ_URL).username
+MQTT_VHOST = f"status-pipeline-tests-{uuid.uuid4().hex[:8]}"  # with the broker settings as shipped
+MQTT_OPEN_VHOST = f"{MQTT_VHOST}-open"  # the same without topic permissions, as for a user given none
+MQTT_USERNAME = f"{MQTT_VHOST}:{RABBITMQ_USER}"  # RabbitMQ's way of naming the vhost
+MQTT_OPEN_USERNAME = f"{MQTT_OPEN_VHOST}:{RABBITMQ_USER}"
 MONGO_URI = os.environ.get("MONGO_URI", "mongodb://localhost:27017/")
 
 
@@ -39,6 +44,27 @@ def wait_until(condition, timeout=30.0, what="the condition", interval=0.05):
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def management(method, path, body=None):
+    """One call to RabbitMQ's management HTTP API, as the user of RABBITMQ_URL. Deleting what is
+    gone already (a broker restarted on other data, say) is no error."""
+    url = urllib.parse.urlsplit(RABBITMQ_URL)
+    auth = base64.b64encode(f"{url.username}:{url.password}".encode()).decode()
+    request = urllib.request.Request(f"http://{url.hostname}:15672/api{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(request, timeout=30).close()
+    except urllib.error.HTTPError as error:
+        if not (method == "DELETE" and error.code == 404):
+            pytest.fail(f"RabbitMQ management API: {method} {path} failed ({error})")
+    except OSError as error:
+        pytest.fail(f"RabbitMQ management API: {method} {path} failed ({error}); run scripts/services up")
+
+
+def quoted(vhost):
+    return urllib.parse.quote(vhost, safe="")
 
 
 @pytest.fixture(scope="session")
@@ -74,11 +100,23 @@ class Pipeline:
         self.env = dict(os.environ, **(env or {}), RABBITMQ_URL=amqp_url, MONGO_URI=MONGO_URI,
                         MONGO_DB=f"test_{suffix}", MONGO_COLLECTION="status",
                         EXCHANGE=exchange or f"test_exchange_{suffix}", QUEUE=f"test_queue_{suffix}",
-                        ROUTING_KEY=f"test_topic_{suffix}" if exchange else "status_topic", PYTHONUNBUFFERED="1",
+                        ROUTING_KEY="status_topic", PYTHONUNBUFFERED="1",
                         SERVER_PROCESSES="1")  # one process, whose log tells one story; test_processes.py runs more
         self.routing_key = self.env["ROUTING_KEY"]
         self.exchange, self.queue = self.env["EXCHANGE"], self.env["QUEUE"]
         self.dead_letter_queue = self.queue + ".dead"
+        self.unroutable_queue = self.queue + ".unroutable"
+        # The settings rabbitmq/definitions.json gives status_exchange and status_queue, for this
+        # pipeline's names: an exchange of its own gets its own alternate exchange.
+        self.vhost = urllib.parse.unquote(urllib.parse.urlsplit(amqp_url).path[1:]) or "/"
+        self.policy = f"test-{suffix}"
+        names = [re.escape(self.queue), re.escape(self.unroutable_queue)]
+        if not self.shared_exchange:
+            names.append(re.escape(self.exchange))
+        management("PUT", f"/policies/{quoted(self.vhost)}/{self.policy}", {
+            "pattern": f"^({'|'.join(names)})$", "apply-to": "all", "priority": 1,
+            "definition": {"alternate-exchange": self.exchange + ".unroutable",
+                           "dead-letter-routing-key": self.dead_letter_queue}})
         self.database = mongo[self.env["MONGO_DB"]]
         self.collection = self.database["status"]
         self._connection = amqp_connection
@@ -149,7 +187,7 @@ class Pipeline:
 
     def publish(self, body, properties=None, routing_key=None):
         """Publish as a program other than client.py would, with plain pika and confirms."""
-        routing_key = routing_key or self.routing_key
+        routing_key = self.routing_key if routing_key is None else routing_key
         channel = self.channel()
         channel.confirm_delivery()
         if isinstance(body, (dict, list)):
@@ -194,12 +232,14 @@ class Pipeline:
                 process.wait()
         with contextlib.suppress(pika.exceptions.AMQPError):
             channel = self.channel()
-            for queue in (self.queue, self.dead_letter_queue):
+            for queue in (self.queue, self.dead_letter_queue, self.unroutable_queue):
                 channel.queue_delete(queue)
             channel.exchange_delete(self.queue + ".dlx")
             if not self.shared_exchange:
                 channel.exchange_delete(self.exchange)
+                channel.exchange_delete(self.exchange + ".unroutable")
             self.connection.close()
+        management("DELETE", f"/policies/{quoted(self.vhost)}/{self.policy}")
         self.database.client.drop_database(self.database.name)
 
 
@@ -210,23 +250,37 @@ def pipeline(mongo, amqp_connection, tmp_path):
     pipeline.close()
 
 
+def own_vhost(vhost, topic_permissions):
+    """Create a virtual host of this test run's own, with the broker settings that
+    rabbitmq/definitions.json gives the default vhost, posted the way docker-compose.yml posts
+    them; yield its AMQP URL, then delete it with everything in it."""
+    url = urllib.parse.urlsplit(RABBITMQ_URL)
+    management("PUT", f"/vhosts/{quoted(vhost)}", {})
+    management("PUT", f"/permissions/{quoted(vhost)}/{url.username}", {"configure": ".*", "write": ".*", "read": ".*"})
+    definitions = json.loads((ROOT / "rabbitmq" / "definitions.json").read_text())
+    if not topic_permissions:
+        definitions["topic_permissions"] = []
+    for item in definitions["policies"] + definitions["topic_permissions"]:
+        assert item["vhost"] == "/"
+        item["vhost"] = vhost
+    management("POST", "/definitions", definitions)
+    yield urllib.parse.urlunsplit(url._replace(path="/" + quoted(vhost)))
+    management("DELETE", f"/vhosts/{quoted(vhost)}")
+
+
 @pytest.fixture(scope="session")
 def mqtt_vhost():
-    """The AMQP URL of a virtual host of the tests' own. The MQTT plugin publishes to one
-    exchange per vhost (rabbitmq/rabbitmq.conf), and every status queue is bound to the
-    device topics, so in the default vhost test messages would also reach status_queue."""
-    url = urllib.parse.urlsplit(RABBITMQ_URL)
-    management = f"http://{url.hostname}:15672/api"
-    auth = base64.b64encode(f"{url.username}:{url.password}".encode()).decode()
-    for path, body in ((f"/vhosts/{MQTT_VHOST}", {}),
-                       (f"/permissions/{MQTT_VHOST}/{url.username}", {"configure": ".*", "write": ".*", "read": ".*"})):
-        request = urllib.request.Request(management + path, data=json.dumps(body).encode(), method="PUT",
-                                         headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"})
-        try:
-            urllib.request.urlopen(request, timeout=30).close()
-        except OSError as error:
-            pytest.fail(f"RabbitMQ management API unreachable at {management} ({error}); run scripts/services up")
-    return urllib.parse.urlunsplit(url._replace(path="/" + MQTT_VHOST))
+    """The AMQP URL of a virtual host of this test run's own, set up as the default vhost is.
+    The MQTT plugin publishes to one exchange per vhost (rabbitmq/rabbitmq.conf), and every
+    status queue is bound to the device topics, so in the default vhost test messages would
+    also reach status_queue, and another test run's would reach this one's queues."""
+    yield from own_vhost(MQTT_VHOST, topic_permissions=True)
+
+
+@pytest.fixture(scope="session")
+def mqtt_open_vhost():
+    """The same without topic permissions: devices log in as users who were given none."""
+    yield from own_vhost(MQTT_OPEN_VHOST, topic_permissions=False)
 
 
 @pytest.fixture
@@ -235,6 +289,15 @@ def mqtt_pipeline(mongo, mqtt_vhost, tmp_path):
     devices log in as `<vhost>:<user>`, RabbitMQ's way of naming the vhost over MQTT."""
     pipeline = Pipeline(mongo, connect(mqtt_vhost), tmp_path, exchange="status_exchange", amqp_url=mqtt_vhost,
                         env={"MQTT_USERNAME": MQTT_USERNAME})
+    yield pipeline
+    pipeline.close()
+
+
+@pytest.fixture
+def mqtt_open_pipeline(mongo, mqtt_open_vhost, tmp_path):
+    """As mqtt_pipeline, in the vhost without topic permissions."""
+    pipeline = Pipeline(mongo, connect(mqtt_open_vhost), tmp_path, exchange="status_exchange",
+                        amqp_url=mqtt_open_vhost, env={"MQTT_USERNAME": MQTT_OPEN_USERNAME})
     yield pipeline
     pipeline.close()
 
