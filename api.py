@@ -5,11 +5,11 @@
 """
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pymongo
 from flask import Flask, jsonify, request
-from pymongo.errors import PyMongoError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 from werkzeug.exceptions import HTTPException
 
 import config
@@ -17,6 +17,11 @@ import rollups
 from messages import STATUSES, parse_time
 
 MAX_PARAMETER_LENGTH = 64
+HEALTH_TIMEOUT_SECONDS = 2
+# /health writes one document here, always the same one: a store can answer ping and still hang
+# every write. One document, so that the write stays cheap on FerretDB, where an update reads
+# its whole collection.
+HEALTH_COLLECTION = "health"
 
 
 class BadRequest(ValueError):
@@ -48,11 +53,27 @@ def create_app(test_config=None):
 
     @app.get("/health")
     def health():
+        """200 {"status": "ok"} when MongoDB answers a ping and a write within HEALTH_TIMEOUT_SECONDS;
+        503 {"status": "unavailable", "error": why} otherwise."""
         try:
-            database.command("ping")
+            with pymongo.timeout(HEALTH_TIMEOUT_SECONDS):
+                database.command("ping")
         except PyMongoError as error:
-            return jsonify(status="unavailable", error=f"MongoDB does not answer: {error.__class__.__name__}"), 503
+            return _unhealthy(f"MongoDB does not answer: {error.__class__.__name__}")
+        try:
+            with pymongo.timeout(HEALTH_TIMEOUT_SECONDS):
+                database[HEALTH_COLLECTION].replace_one(
+                    {"_id": "api"}, {"_id": "api", "checked_at": datetime.now(timezone.utc)}, upsert=True)
+        except DuplicateKeyError:
+            pass  # two probes raced to create the document: the store answered both
+        except PyMongoError as error:
+            return _unhealthy(f"MongoDB answers ping but not a write within {HEALTH_TIMEOUT_SECONDS}s: "
+                              f"{error.__class__.__name__}")
         return jsonify(status="ok")
+
+    def _unhealthy(reason):
+        app.logger.warning("health check failed: %s", reason)
+        return jsonify(status="unavailable", error=reason), 503
 
     @app.errorhandler(BadRequest)
     def bad_request(error):
