@@ -191,12 +191,17 @@ class StatusServer:
     def _create_indexes(self):
         delay, failing_since = 1.0, None
         while not self._stopping:
+            attempt_started = time.monotonic()
             try:
-                with pymongo.timeout(config.MONGO_RECOVERY_TIMEOUT_SECONDS):
+                # pymongo waits for server selection as long as the deadline: a store that is down
+                # or hung is noticed within the short one, an index build may take the long one.
+                with pymongo.timeout(config.MONGO_WRITE_TIMEOUT_SECONDS):
+                    self._collection.database.command("ping")
+                with pymongo.timeout(config.MONGO_STARTUP_TIMEOUT_SECONDS):
                     create_indexes(self._collection)
                 return
             except PyMongoError as error:
-                failing_since = failing_since or time.monotonic()
+                failing_since = failing_since or attempt_started
                 if time.monotonic() - failing_since >= config.MONGO_OUTAGE_EXIT_SECONDS:
                     self._give_up_on_mongodb(failing_since, error)
                 LOG.warning("MongoDB unavailable (%s); retrying in %.1fs", error, delay)
