@@ -5,11 +5,11 @@
 """
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pymongo
 from flask import Flask, jsonify, request
-from pymongo.errors import PyMongoError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 from werkzeug.exceptions import HTTPException
 
 import config
@@ -17,6 +17,12 @@ import counts
 from messages import STATUSES, parse_time
 
 MAX_PARAMETER_LENGTH = 64
+HEALTH_TIMEOUT_SECONDS = 2
+COUNT_TIMEOUT_SECONDS = 10
+# /health writes one document here, always the same one: a store can answer ping and still hang
+# every write. One document, so that the write stays cheap on FerretDB, where an update reads
+# its whole collection.
+HEALTH_COLLECTION = "health"
 
 
 class BadRequest(ValueError):
@@ -31,7 +37,9 @@ def create_app(test_config=None):
     if test_config:
         app.config.from_mapping(test_config)
     # One client per process; a short selection timeout turns an outage into a quick 503.
-    mongo = pymongo.MongoClient(app.config["MONGO_URI"], tz_aware=True, serverSelectionTimeoutMS=2000)
+    # MONGO_CLIENT_OPTIONS: more MongoClient options, such as event listeners.
+    mongo = pymongo.MongoClient(app.config["MONGO_URI"], tz_aware=True, serverSelectionTimeoutMS=2000,
+                                **app.config.get("MONGO_CLIENT_OPTIONS", {}))
     database = mongo[app.config["MONGO_DB"]]
     collection = database[app.config["MONGO_COLLECTION"]]
     app.extensions["mongo"] = mongo
@@ -42,17 +50,34 @@ def create_app(test_config=None):
         end = _time_parameter("end")
         if start > end:
             raise BadRequest(f"start ({_format(start)}) is after end ({_format(end)})")
-        answer = counts.count(collection, start, end)
+        with pymongo.timeout(COUNT_TIMEOUT_SECONDS):  # a hung store answers 503, not never
+            answer = counts.count(collection, start, end)
         return jsonify(start=_format(start), end=_format(end),
                        counts={str(status): answer[status] for status in STATUSES}, total=sum(answer))
 
     @app.get("/health")
     def health():
+        """200 {"status": "ok"} when MongoDB answers a ping and a write within HEALTH_TIMEOUT_SECONDS;
+        503 {"status": "unavailable", "error": why} otherwise."""
         try:
-            database.command("ping")
+            with pymongo.timeout(HEALTH_TIMEOUT_SECONDS):
+                database.command("ping")
         except PyMongoError as error:
-            return jsonify(status="unavailable", error=f"MongoDB does not answer: {error.__class__.__name__}"), 503
+            return _unhealthy(f"MongoDB does not answer: {error.__class__.__name__}")
+        try:
+            with pymongo.timeout(HEALTH_TIMEOUT_SECONDS):
+                database[HEALTH_COLLECTION].replace_one(
+                    {"_id": "api"}, {"_id": "api", "checked_at": datetime.now(timezone.utc)}, upsert=True)
+        except DuplicateKeyError:
+            pass  # two probes raced to create the document: the store answered both
+        except PyMongoError as error:
+            return _unhealthy(f"MongoDB answers ping but not a write within {HEALTH_TIMEOUT_SECONDS}s: "
+                              f"{error.__class__.__name__}")
         return jsonify(status="ok")
+
+    def _unhealthy(reason):
+        app.logger.warning("health check failed: %s", reason)
+        return jsonify(status="unavailable", error=reason), 503
 
     @app.errorhandler(BadRequest)
     def bad_request(error):

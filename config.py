@@ -35,6 +35,17 @@ def _whole_number(name, default, most, kind="a whole number"):
     return int(value)
 
 
+def _seconds(name, default, most):
+    value = os.environ.get(name, str(default))
+    try:
+        seconds = float(value) if value.isascii() else math.nan
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= most:  # also refuses nan and inf
+        _fail(name, value, f"a number of seconds above 0 and at most {most}")
+    return seconds
+
+
 def _usable_cores():
     """The cores this process may use: its CPU affinity, within a container's CPU quota."""
     cores = len(os.sched_getaffinity(0))
@@ -67,6 +78,12 @@ ROUTING_KEY = _name("ROUTING_KEY", "status_topic")
 QUEUE = _name("QUEUE", "status_queue")
 # One Python process keeps about one core busy; past a few, the queue itself is the limit.
 SERVER_PROCESSES = _whole_number("SERVER_PROCESSES", min(_usable_cores(), 4), 64)
+# Liveness bounds of server.py (README "Guarantees"); tests shorten them.
+RABBITMQ_HEARTBEAT_SECONDS = _whole_number("RABBITMQ_HEARTBEAT_SECONDS", 30, 3600)
+RABBITMQ_BLOCKED_SECONDS = _seconds("RABBITMQ_BLOCKED_SECONDS", 60, 86400)
+MONGO_WRITE_TIMEOUT_SECONDS = _seconds("MONGO_WRITE_TIMEOUT_SECONDS", 10, 3600)
+MONGO_STARTUP_TIMEOUT_SECONDS = _seconds("MONGO_STARTUP_TIMEOUT_SECONDS", 600, 86400)
+MONGO_OUTAGE_EXIT_SECONDS = _seconds("MONGO_OUTAGE_EXIT_SECONDS", 300, 86400)
 API_HOST = _name("API_HOST", "127.0.0.1")
 API_PORT = _whole_number("API_PORT", 5000, 65535, "a port number")
 MQTT_HOST = _name("MQTT_HOST", "localhost")

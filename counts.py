@@ -75,6 +75,7 @@ import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
+import pymongo
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 import messages
@@ -98,6 +99,8 @@ FOLD_INTERVAL_SECONDS = 0.5
 # merged into one, so that a bound inside a second costs a few lookups at most.
 MAX_FRAGMENTS_PER_SECOND = 4
 READ_ATTEMPTS = 20
+STEP_SECONDS = 30  # the folder's deadline for one store operation; recovery reads the raw collection:
+RECOVERY_SECONDS = 3600  # minutes for tens of millions of documents on FerretDB
 
 
 def epoch_seconds(moment):
@@ -284,25 +287,27 @@ class BatchWriter:
     redeliveries, stored once.
     """
 
-    def __init__(self, collection, wait_seconds=0.05, fault_hook=None):
+    def __init__(self, collection, wait_seconds=0.05, fault_hook=None, timeout_seconds=None):
         self._raw = collection
+        self._timeout_seconds = timeout_seconds  # each store step's deadline (pymongo's maxTimeMS and socket timeouts)
         self._fault_hook = fault_hook or (lambda point, detail=None: None)
         self._log = _collections(collection)[0]
         self._wait_seconds = wait_seconds
 
     def write(self, documents):
         batch = uuid.uuid4().hex[:16]
-        self._log.insert_one({"_id": f"i:{batch}", "owner": OWNER, "at": time.time()})
-        for document in documents:
-            document["batch"] = batch
-        refused, duplicates = self._insert(documents)
-        self._fault_hook("after-raw-insert")
-        created = sorted((epoch_ms(document["timestamp"]), document["status"])
-                         for index, document in enumerate(documents) if index not in refused and index not in duplicates)
-        try:
-            self._log.insert_one({"_id": f"c:{batch}", "entries": _encode_entries(created)})
-        except DuplicateKeyError:
-            pass  # the folder took this batch for dead and recorded what it stamped: the same documents
+        with pymongo.timeout(self._timeout_seconds):
+            self._log.insert_one({"_id": f"i:{batch}", "owner": OWNER, "at": time.time()})
+            for document in documents:
+                document["batch"] = batch
+            refused, duplicates = self._insert(documents)
+            self._fault_hook("after-raw-insert")
+            created = sorted((epoch_ms(document["timestamp"]), document["status"])
+                             for index, document in enumerate(documents) if index not in refused and index not in duplicates)
+            try:
+                self._log.insert_one({"_id": f"c:{batch}", "entries": _encode_entries(created)})
+            except DuplicateKeyError:
+                pass  # the folder took this batch for dead and recorded what it stamped: the same documents
         if duplicates:
             self._wait_for_open_intents(batch)
         return refused
@@ -313,7 +318,7 @@ class BatchWriter:
             self._raw.insert_many(documents, ordered=False)
             return {}, set()
         except BulkWriteError as error:
-            if error.details.get("writeConcernErrors"):
+            if error.details.get("writeConcernErrors") or error.timeout:  # an outage, not the documents' fault
                 raise
             refused, duplicates = {}, set()
             for failure in error.details["writeErrors"]:
@@ -326,14 +331,16 @@ class BatchWriter:
     def _wait_for_open_intents(self, batch):
         """A duplicate was created by an earlier batch, whose record may still be missing:
         wait until every intent open now (but this batch's) is closed by its record."""
-        open_now = _open_intents(self._log) - {batch}
+        with pymongo.timeout(self._timeout_seconds):
+            open_now = _open_intents(self._log) - {batch}
         started, logged = time.monotonic(), False
         while open_now:
             if not logged and time.monotonic() - started > 5:
                 LOG.warning("waiting for the counts of %d interrupted batches to be recovered", len(open_now))
                 logged = True
             time.sleep(self._wait_seconds)
-            open_now &= _open_intents(self._log)
+            with pymongo.timeout(self._timeout_seconds):
+                open_now &= _open_intents(self._log)
         if logged:
             LOG.info("interrupted batches recovered after %.1fs", time.monotonic() - started)
 
@@ -414,10 +421,15 @@ class Folder:
 
     def fold_once(self):
         """One round: True when it folded something, False otherwise."""
-        if not self._holds_lease():
-            return False
-        log = list(self._log.find({}))
-        self._recover(log)
+        with pymongo.timeout(STEP_SECONDS):
+            if not self._holds_lease():
+                return False
+            log = list(self._log.find({}))
+        with pymongo.timeout(RECOVERY_SECONDS):
+            self._recover(log)
+        return self._round(log)
+
+    def _round(self, log):
         state = next((record for record in log if record["_id"] == "state"), {"round": 0, "records": []})
         unfinished = [record for record in log if record["_id"] in set(state["records"])]
         if unfinished:  # a round cut short: finish it with the same records
@@ -429,10 +441,12 @@ class Folder:
             number = state["round"] + 1
             if not self._still_holds():
                 return False
-            self._log.replace_one({"_id": "state"}, {"round": number, "records": [r["_id"] for r in records]},
-                                    upsert=True)
+            with pymongo.timeout(STEP_SECONDS):
+                self._log.replace_one({"_id": "state"}, {"round": number, "records": [r["_id"] for r in records]},
+                                      upsert=True)
             for home, ids in self._superseded:  # a reader that saw them started before this round: it reads again
-                self._raw.database[home].delete_many({"_id": {"$in": ids}})
+                with pymongo.timeout(STEP_SECONDS):
+                    self._raw.database[home].delete_many({"_id": {"$in": ids}})
             self._superseded = []
         try:
             self._apply(number, records)
@@ -441,7 +455,8 @@ class Folder:
         if not self._still_holds():
             return False
         done = [record["_id"] for record in records]
-        self._log.delete_many({"_id": {"$in": done + [f"i:{_id[2:]}" for _id in done]}})
+        with pymongo.timeout(STEP_SECONDS):
+            self._log.delete_many({"_id": {"$in": done + [f"i:{_id[2:]}" for _id in done]}})
         return True
 
     def _apply(self, number, records):
@@ -458,7 +473,8 @@ class Folder:
                 {"_id": f"f:{hour}:{number}", "entries": _encode_seconds(sorted(entries))})
         for home, documents in by_home.items():
             try:
-                self._raw.database[home].insert_many(documents, ordered=False)
+                with pymongo.timeout(STEP_SECONDS):
+                    self._raw.database[home].insert_many(documents, ordered=False)
             except BulkWriteError as error:  # written by the round's first attempt
                 if any(e["code"] != DUPLICATE_KEY for e in error.details["writeErrors"]):
                     raise
@@ -479,7 +495,8 @@ class Folder:
             for bucket, parts in buckets.items():
                 if not self._still_holds():
                     raise _LeaseLost()
-                self._merge(number, level, bucket, parts)
+                with pymongo.timeout(STEP_SECONDS):
+                    self._merge(number, level, bucket, parts)
 
     def _merge(self, number, level, bucket, parts):
         home, _id = _home(self._raw, level, bucket), _aggregate_id(level, bucket)

@@ -28,7 +28,8 @@ import time
 
 import pika
 import pymongo
-from pika.exceptions import AMQPConnectionError, ChannelClosedByBroker, ConnectionClosedByBroker, ProbableAuthenticationError
+from pika.exceptions import (AMQPConnectionError, ChannelClosedByBroker, ConnectionBlockedTimeout, ConnectionClosedByBroker,
+                             ProbableAuthenticationError)
 from pymongo.errors import OperationFailure, PyMongoError
 
 import config
@@ -63,9 +64,12 @@ WRITERS = 3
 # waiting, it holds one that keeps filling (past BATCH_SIZE while the writers are busy,
 # so a backlog is written in fewer, bigger batches) and the deliveries on their way.
 PREFETCH = 10 * BATCH_SIZE
-DUPLICATE_KEY = 11000
 NAMESPACE_NOT_FOUND, INDEX_NOT_FOUND = 26, 27
 SHUTDOWN_SECONDS = 5
+
+
+class ConsumerCancelled(Exception):
+    """RabbitMQ cancelled the consumer (consumer_cancel_notify): its queue was deleted, or moved."""
 
 
 class StatusServer:
@@ -73,14 +77,20 @@ class StatusServer:
         self._collection = collection
         self._fold = fold  # one process of a server.py folds the counts; its children do not
         self._parameters = pika.URLParameters(amqp_url)
-        self._parameters.heartbeat = 30
-        self._parameters.blocked_connection_timeout = 60
+        # pika answers heartbeats only inside process_data_events: the main thread never
+        # blocks outside it for more than a fraction of this (one delivery burst).
+        self._parameters.heartbeat = config.RABBITMQ_HEARTBEAT_SECONDS
+        # A memory or disk alarm blocks a connection that publishes (a dead letter) and stops
+        # reading from it, acknowledgements included: past this pika gives up on it.
+        self._parameters.blocked_connection_timeout = config.RABBITMQ_BLOCKED_SECONDS
         self._fault_hook = fault_hook or (lambda point, detail=None: None)
-        self._batch_writer = counts.BatchWriter(collection, fault_hook=self._fault_hook)
+        self._batch_writer = counts.BatchWriter(collection, fault_hook=self._fault_hook,
+                                                timeout_seconds=config.MONGO_WRITE_TIMEOUT_SECONDS)
         self._stopping = False
         self._down_since = None  # when RabbitMQ went away, to log the outage once
         self._connection = None
         self._channel = None
+        self._cancelled_by_broker = False
         self._batch = []  # [(method, properties, body, document)] not yet handed to the writers
         self._batch_started = 0.0
         # Delivery tags belong to one connection: a batch written after its connection was
@@ -118,6 +128,9 @@ class StatusServer:
                 self._connect()
                 if self._consume():
                     continue  # back to the whole prefetch window, at once
+            except ConnectionBlockedTimeout:
+                self._went_down(f"RabbitMQ blocked the connection for more than {config.RABBITMQ_BLOCKED_SECONDS:g}s "
+                                "(a memory or disk alarm)")
             except (ConnectionClosedByBroker, AMQPConnectionError, ConnectionError) as error:
                 if self._stopping:
                     break
@@ -125,14 +138,21 @@ class StatusServer:
                     self._delivery_failed(error)
                     continue  # the broker is up: at once, one message at a time
                 self._went_down(f"RabbitMQ connection lost ({error!r})")
+            except ConsumerCancelled:
+                self._went_down(f"RabbitMQ cancelled the consumer of {config.QUEUE} (its queue deleted?)")
             except ChannelClosedByBroker as error:
                 if error.reply_code == INTERNAL_ERROR:
                     self._delivery_failed(error)
                     continue
-                if error.reply_code in (403, 404, 406):
+                if _is_consumer_timeout(error):
+                    # Our acknowledgement came too late; the broker requeued what we held.
+                    self._went_down(f"RabbitMQ closed the channel: a delivery stayed unacknowledged "
+                                    f"past its consumer_timeout ({error.reply_text})")
+                elif error.reply_code in (403, 404, 406):
                     LOG.error("RabbitMQ refused the topology: %s", error)
                     raise SystemExit(1) from None
-                self._went_down(f"RabbitMQ closed the channel ({error})")
+                else:
+                    self._went_down(f"RabbitMQ closed the channel ({error})")
             finally:
                 self._forget_unacknowledged()
             if time.monotonic() - started > 30:
@@ -187,6 +207,8 @@ class StatusServer:
             LOG.error("RabbitMQ refused the credentials in RABBITMQ_URL: %s", error)
             raise SystemExit(1) from None
         self._channel = self._connection.channel()
+        self._cancelled_by_broker = False
+        self._channel.add_on_cancel_callback(self._on_cancelled_by_broker)
         self._declare_topology(self._channel)
         self._channel.confirm_delivery()  # dead-letter publishes are confirmed before the ack
         self._channel.basic_qos(prefetch_count=1 if self._one_at_a_time else PREFETCH)
@@ -218,12 +240,21 @@ class StatusServer:
         channel.queue_bind(UNROUTABLE_QUEUE, UNROUTABLE_EXCHANGE)
 
     def _create_indexes(self):
-        delay = 1.0
+        delay, failing_since = 1.0, None
         while not self._stopping:
+            attempt_started = time.monotonic()
             try:
-                create_indexes(self._collection)
+                # pymongo waits for server selection as long as the deadline: a store that is down
+                # or hung is noticed within the short one, an index build may take the long one.
+                with pymongo.timeout(config.MONGO_WRITE_TIMEOUT_SECONDS):
+                    self._collection.database.command("ping")
+                with pymongo.timeout(config.MONGO_STARTUP_TIMEOUT_SECONDS):
+                    create_indexes(self._collection)
                 return
             except PyMongoError as error:
+                failing_since = failing_since or attempt_started
+                if time.monotonic() - failing_since >= config.MONGO_OUTAGE_EXIT_SECONDS:
+                    self._give_up_on_mongodb(failing_since, error)
                 LOG.warning("MongoDB unavailable (%s); retrying in %.1fs", error, delay)
                 self._sleep(delay)
                 delay = min(delay * 2, 30.0)
@@ -239,6 +270,7 @@ class StatusServer:
         connected_at = time.monotonic()
         while True:
             self._connection.process_data_events(time_limit=0.01 if self._unacknowledged() or self._batch else 0.25)
+            self._raise_if_consumer_gone()
             self._acknowledge_written()
             if self._stopping and not cancelled:
                 for tag in tags:
@@ -262,6 +294,18 @@ class StatusServer:
                 LOG.warning("MongoDB did not take the last messages in time; they stay in the queue")
                 self._connection.close()
                 return False
+
+    def _on_cancelled_by_broker(self, _method_frame):
+        self._cancelled_by_broker = True
+
+    def _raise_if_consumer_gone(self):
+        """The connection's process_data_events raises neither for a consumer the broker
+        cancelled nor for a channel it closed (only BlockingChannel's own loops do): without
+        this check the server would consume nothing, forever, and look alive."""
+        if self._cancelled_by_broker:
+            raise ConsumerCancelled()
+        if self._channel.is_closed:
+            raise getattr(self._channel, "_closing_reason", None) or ChannelClosedByBroker(0, "channel closed")
 
     def _on_message(self, channel, method, properties, body):
         self._fault_hook("message", properties.message_id)
@@ -338,6 +382,11 @@ class StatusServer:
         self._batch = []
         self._handed = self._next_to_acknowledge = 0
         self._written_early = {}
+        if self._connection is not None and self._connection.is_open:
+            try:  # a channel closed by the broker leaves its connection open
+                self._connection.close()
+            except pika.exceptions.AMQPError:
+                pass
         self._connection = self._channel = None
 
     # -- writing (writer threads: the only ones that touch MongoDB) -----------
@@ -364,23 +413,38 @@ class StatusServer:
             self._written.put((generation, sequence, batch, failures))
 
     def _insert(self, documents):
-        """Write until MongoDB takes the documents; return {index: reason} for those it never will."""
-        delay, failing = 0.5, False
+        """Write until MongoDB takes the documents; return {index: reason} for those it never will.
+        Each attempt has a deadline (MONGO_WRITE_TIMEOUT_SECONDS), so a store that accepts
+        connections and never answers is an outage like any other; after
+        MONGO_OUTAGE_EXIT_SECONDS of failed attempts the process exits."""
+        delay, failing, failing_since = 0.5, False, None
         while True:
             attempt_started = time.monotonic()
             try:
                 failures = self._batch_writer.write(documents)  # the raw insert and its counts record
             except PyMongoError as error:
                 failures = None
+                failing_since = failing_since or attempt_started
                 if not failing and attempt_started > self._recovered_at:  # else: the outage that just ended
                     failing = True
                     self._outage_started(error)
+                if time.monotonic() - failing_since >= config.MONGO_OUTAGE_EXIT_SECONDS:
+                    self._give_up_on_mongodb(failing_since, error)
             if failures is not None:
                 if failing:
                     self._outage_ended()
                 return failures
             time.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, 10.0)
+
+    def _give_up_on_mongodb(self, failing_since, error):
+        """Past the bound a supervisor must act (an operator, a restart elsewhere); nothing held is
+        acknowledged, so exiting hands every message back to RabbitMQ."""
+        with self._outage_lock:  # one line, however many writers reach the bound at once
+            LOG.critical("MongoDB has taken no write for %.0fs (MONGO_OUTAGE_EXIT_SECONDS=%g; last error: %s); "
+                         "exiting with status 1, the unacknowledged messages go back to the queue",
+                         time.monotonic() - failing_since, config.MONGO_OUTAGE_EXIT_SECONDS, error)
+            os._exit(1)
 
     # An outage is logged once when the first writer fails and once when the last recovers.
 
@@ -396,6 +460,13 @@ class StatusServer:
             if self._failing_writers == 0:
                 self._recovered_at = time.monotonic()
                 LOG.info("MongoDB is back")
+
+
+def _is_consumer_timeout(error):
+    """RabbitMQ closes the channel with 406 PRECONDITION_FAILED "delivery acknowledgement on
+    channel N timed out" when a delivery stays unacknowledged past consumer_timeout (30 min by
+    default); 406 otherwise means a declaration that contradicts the existing topology."""
+    return error.reply_code == 406 and "acknowledgement" in error.reply_text and "timed out" in error.reply_text
 
 
 def create_indexes(collection):

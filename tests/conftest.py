@@ -10,9 +10,13 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -20,6 +24,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import bson
 import pika
 import pymongo
 import pytest
@@ -318,3 +323,122 @@ def app_for():
     yield make
     for app in apps:
         app.extensions["mongo"].close()
+
+
+class StoreProxy:
+    """A TCP proxy in front of the MongoDB-wire server that can stop answering while every
+    connection stays open, as a wedged store does (after the proxy of pika's own tests).
+
+    forward() passes everything; hang() stops passing anything either way, and new
+    connections are still accepted; hang_writes() holds each connection at its first
+    insert, update or delete, so the store answers ping (on other connections) but no write.
+    What was held is passed on at the next forward(), late, as a wedged store that comes
+    back would run it."""
+
+    WRITES = {"insert", "update", "delete", "findAndModify"}
+    OP_MSG = 2013
+
+    def __init__(self, target):
+        host, port = urllib.parse.urlsplit(target).hostname, urllib.parse.urlsplit(target).port or 27017
+        self._target = (host, port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.uri = f"mongodb://127.0.0.1:{self._listener.getsockname()[1]}/"
+        self._mode = "forward"
+        self._changed = threading.Condition()
+        self._closed = False
+        self._sockets = []
+        threading.Thread(target=self._accept, name="store-proxy", daemon=True).start()
+
+    def forward(self):
+        self._set("forward")
+
+    def hang(self):
+        self._set("hang")
+
+    def hang_writes(self):
+        self._set("hang_writes")
+
+    def _set(self, mode):
+        with self._changed:
+            self._mode = mode
+            self._changed.notify_all()
+
+    def _wait_while(self, held):
+        with self._changed:
+            self._changed.wait_for(lambda: self._closed or not held(self._mode))
+        return not self._closed
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                upstream = socket.create_connection(self._target)
+            except OSError:
+                return
+            self._sockets += [client, upstream]
+            threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._replies, args=(upstream, client), daemon=True).start()
+
+    def _requests(self, client, upstream):
+        """Message by message, so that a write can be told from a ping."""
+        try:
+            while self._wait_while(lambda mode: mode == "hang"):
+                header = self._read(client, 16)
+                length, _, _, opcode = struct.unpack("<iiii", header)
+                message = header + self._read(client, length - 16)
+                command = None
+                if opcode == self.OP_MSG and message[20] == 0:  # flag bits, then a body section
+                    command = next(iter(bson.decode(message[21:21 + struct.unpack("<i", message[21:25])[0]])))
+                write = command in self.WRITES
+                if not self._wait_while(lambda mode: mode == "hang" or (write and mode == "hang_writes")):
+                    return
+                upstream.sendall(message)
+        except (OSError, EOFError):
+            pass
+        finally:
+            self._close(client, upstream)
+
+    def _replies(self, upstream, client):
+        try:
+            while self._wait_while(lambda mode: mode == "hang"):
+                if not select.select([upstream], [], [], 0.1)[0]:
+                    continue
+                data = upstream.recv(65536)
+                if not data:
+                    return
+                client.sendall(data)
+        except (OSError, ValueError):  # ValueError: the other pump closed the socket
+            pass
+        finally:
+            self._close(client, upstream)
+
+    @staticmethod
+    def _read(sock, size):
+        data = b""
+        while len(data) < size:
+            chunk = sock.recv(size - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    @staticmethod
+    def _close(*sockets):
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self):
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        self._listener.close()
+        self._close(*self._sockets)
+
+
+@pytest.fixture
+def store_proxy(mongo):
+    proxy = StoreProxy(MONGO_URI)
+    yield proxy
+    proxy.close()
