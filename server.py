@@ -23,8 +23,10 @@ import sys
 import threading
 import time
 
+import bson
 import pika
 import pymongo
+from bson.errors import InvalidDocument
 from pika.exceptions import AMQPConnectionError, ChannelClosedByBroker, ConnectionClosedByBroker, ProbableAuthenticationError
 from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
@@ -51,6 +53,7 @@ WRITERS = 3
 # so a backlog is written in fewer, bigger batches) and the deliveries on their way.
 PREFETCH = 10 * BATCH_SIZE
 DUPLICATE_KEY = 11000
+MAX_BSON_BYTES = 16 * 1024 * 1024  # MongoDB's limit on one document
 NAMESPACE_NOT_FOUND, INDEX_NOT_FOUND = 26, 27
 SHUTDOWN_SECONDS = 5
 
@@ -338,7 +341,10 @@ class StatusServer:
                 LOG.info("MongoDB is back")
 
     def _insert_many(self, documents):
-        """{index: reason} for the documents MongoDB refused; None when the whole write must be retried."""
+        """{index: reason} for the documents MongoDB refused; None when the whole write must be retried.
+
+        The driver encodes the whole batch before sending it, so one document BSON cannot
+        encode fails them all: those are refused alone, and the others written without them."""
         try:
             self._collection.insert_many(documents, ordered=False)
             return {}
@@ -347,6 +353,32 @@ class StatusServer:
                 return None
             return {e["index"]: f"MongoDB refused the document: {e.get('errmsg', e['code'])}"
                     for e in error.details["writeErrors"] if e["code"] != DUPLICATE_KEY}
+        except (InvalidDocument, UnicodeEncodeError, OverflowError):
+            unencodable = _unencodable(documents, self._collection.codec_options)
+            if not unencodable:
+                raise
+        others = [index for index in range(len(documents)) if index not in unencodable]
+        failures = self._insert_many([documents[index] for index in others]) if others else {}
+        if failures is None:
+            return None
+        return {**unencodable, **{others[index]: reason for index, reason in failures.items()}}
+
+
+def _unencodable(documents, codec_options):
+    """{index: reason} for the documents that BSON cannot encode or that exceed its 16 MiB."""
+    refused = {}
+    for index, document in enumerate(documents):
+        try:
+            size = len(bson.encode(document, codec_options=codec_options))
+        except (InvalidDocument, UnicodeEncodeError, OverflowError) as error:
+            reason = f"{error.__class__.__name__}: {error}"
+        else:
+            if size <= MAX_BSON_BYTES:
+                continue
+            reason = f"it is {size} bytes as BSON, more than {MAX_BSON_BYTES}"
+        # The reason becomes an AMQP header, which must be UTF-8: escape whatever is not ASCII.
+        refused[index] = f"the document cannot be stored: {reason}"[:200].encode("ascii", "backslashreplace").decode()
+    return refused
 
 
 def create_indexes(collection):
