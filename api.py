@@ -5,7 +5,7 @@
 """
 
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import pymongo
 from flask import Flask, jsonify, request
@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 import config
 import counts
-from messages import STATUSES, parse_time
+from messages import GRAMMAR, STATUSES, parse_time
 
 MAX_PARAMETER_LENGTH = 64
 HEALTH_TIMEOUT_SECONDS = 2
@@ -101,31 +101,21 @@ def create_app(test_config=None):
 
 
 def _time_parameter(name):
+    """The parameter as an aware UTC datetime, rounded up to the next millisecond: see parse_time."""
     values = request.args.getlist(name)
     if not values:
-        raise BadRequest(f"parameter '{name}' is required (ISO 8601, e.g. 2026-11-27T10:00:00Z)")
+        raise BadRequest(f"parameter '{name}' is required ({GRAMMAR} or YYYY-MM-DD, e.g. 2026-11-27T10:00:00Z)")
     if len(values) > 1:
         raise BadRequest(f"parameter '{name}' is given {len(values)} times; give it once")
     text = values[0]
     if len(text) > MAX_PARAMETER_LENGTH:
         raise BadRequest(f"parameter '{name}' is longer than {MAX_PARAMETER_LENGTH} characters")
     try:
-        moment = parse_time(text)
-    except (ValueError, OverflowError):
-        raise BadRequest(f"parameter '{name}' is not an ISO 8601 date and time in years 1..9999: {text!r}") from None
-    # Stored timestamps have millisecond precision: round up so that
-    # "timestamp >= start" and "timestamp < end" keep their meaning.
-    return _ceil_to_millisecond(moment, name)
-
-
-def _ceil_to_millisecond(moment, name):
-    extra = moment.microsecond % 1000
-    if not extra:
-        return moment
-    try:
-        return moment + timedelta(microseconds=1000 - extra)
-    except OverflowError:
-        raise BadRequest(f"parameter '{name}' is out of range") from None
+        # Stored times are floored to the millisecond; a bound rounded up keeps start <= t < end exact.
+        return parse_time(text, round_up=True, date_alone=True)
+    except ValueError as error:
+        hint = " (in a URL, write '+' as %2B)" if " " in text[11:] else ""
+        raise BadRequest(f"parameter '{name}' is not an RFC 3339 date and time: {error}{hint}: {text!r}") from None
 
 
 def _format(moment):

@@ -75,7 +75,9 @@ import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
+import bson
 import pymongo
+from bson.errors import InvalidDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 import messages
@@ -92,6 +94,7 @@ TOP = len(LEVELS)
 # carry a time across a whole second, so its floor is the second.
 FLOAT_EXACT_SECONDS = 2**33
 DUPLICATE_KEY = 11000
+MAX_BSON_BYTES = 16 * 1024 * 1024  # MongoDB's limit on one document
 RECOVER_AFTER_SECONDS = 60
 LEASE_SECONDS = 10
 FOLD_INTERVAL_SECONDS = 0.5
@@ -313,10 +316,21 @@ class BatchWriter:
         return refused
 
     def _insert(self, documents):
-        """({index: reason} refused, {index} duplicates) of one unordered insert."""
+        """({index: reason} refused, {index} duplicates) of one unordered insert.
+
+        The driver encodes the whole batch before sending it, so one document BSON cannot
+        encode fails them all: those are refused alone, and the others written without them."""
         try:
             self._raw.insert_many(documents, ordered=False)
             return {}, set()
+        except (InvalidDocument, UnicodeEncodeError, OverflowError):
+            unencodable = _unencodable(documents, self._raw.codec_options)
+            if not unencodable:
+                raise
+            others = [index for index in range(len(documents)) if index not in unencodable]
+            refused, duplicates = self._insert([documents[index] for index in others]) if others else ({}, set())
+            return ({**unencodable, **{others[index]: reason for index, reason in refused.items()}},
+                    {others[index] for index in duplicates})
         except BulkWriteError as error:
             if error.details.get("writeConcernErrors") or error.timeout:  # an outage, not the documents' fault
                 raise
@@ -343,6 +357,23 @@ class BatchWriter:
                 open_now &= _open_intents(self._log)
         if logged:
             LOG.info("interrupted batches recovered after %.1fs", time.monotonic() - started)
+
+
+def _unencodable(documents, codec_options):
+    """{index: reason} for the documents that BSON cannot encode or that exceed its 16 MiB."""
+    refused = {}
+    for index, document in enumerate(documents):
+        try:
+            size = len(bson.encode(document, codec_options=codec_options))
+        except (InvalidDocument, UnicodeEncodeError, OverflowError) as error:
+            reason = f"{error.__class__.__name__}: {error}"
+        else:
+            if size <= MAX_BSON_BYTES:
+                continue
+            reason = f"it is {size} bytes as BSON, more than {MAX_BSON_BYTES}"
+        # The reason becomes an AMQP header, which must be UTF-8: escape whatever is not ASCII.
+        refused[index] = f"the document cannot be stored: {reason}"[:200].encode("ascii", "backslashreplace").decode()
+    return refused
 
 
 def _open_intents(log, documents=None):

@@ -75,6 +75,94 @@ def test_sub_millisecond_bounds_keep_the_half_open_meaning(app, client):
     assert (included["total"], excluded["total"]) == (1, 0)
 
 
+@pytest.mark.parametrize("digits", range(7, 16))
+def test_bounds_finer_than_a_millisecond_round_up_exactly_whatever_their_length(app, client, digits):
+    """Stored times are whole milliseconds; a bound with finer digits rounds up to the next one,
+    so start <= t < end holds for the stored t. Digits past the sixth count too."""
+    store(app, (2, utc(2026, 11, 27, 12, 0, 0, 1000)))  # 12:00:00.001
+
+    def total(start, end):
+        response = client.get(f"/status-count?start={start}&end={end}")
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()["total"]
+
+    just_after = "001" + "0" * (digits - 4) + "1"  # 12:00:00.001 and a last nonzero digit
+    exactly = "001" + "0" * (digits - 3)
+    just_before = "000" + "9" * (digits - 3)
+    assert total(f"2026-11-27T12:00:00.{just_after}Z", "2026-11-27T12:00:01Z") == 0
+    assert total("2026-11-27T12:00:00Z", f"2026-11-27T12:00:00.{just_after}Z") == 1
+    assert total(f"2026-11-27T12:00:00.{exactly}Z", "2026-11-27T12:00:01Z") == 1
+    assert total("2026-11-27T12:00:00Z", f"2026-11-27T12:00:00.{exactly}Z") == 0
+    assert total(f"2026-11-27T12:00:00.{just_before}Z", "2026-11-27T12:00:01Z") == 1
+    assert total("2026-11-27T12:00:00Z", f"2026-11-27T12:00:00.{just_before}Z") == 0
+    assert total(f"2026-11-27T13:00:00.{just_after}%2B01:00", "2026-11-27T06:30:01-05:30") == 0
+    assert total("2026-11-27T06:30:00-05:30", f"2026-11-27T13:00:00.{just_after}%2B01:00") == 1
+    answer = client.get(f"/status-count?start=2026-11-27T12:00:00.{just_after}Z&end=2026-11-28").get_json()
+    assert answer["start"] == "2026-11-27T12:00:00.002Z"
+
+
+def test_every_rfc_3339_form_and_a_date_alone_are_accepted(app, client):
+    store(app, (1, utc(2026, 11, 27, 10)), (2, utc(2026, 11, 27, 23, 59, 59, 999000)))
+    for start, end in [("2026-11-27", "2026-11-28"), ("2026-11-27T00:00:00Z", "2026-11-28T00:00:00Z"),
+                       ("2026-11-27t00:00:00z", "2026-11-28t00:00:00z"), ("2026-11-27 00:00:00", "2026-11-28+00:00:00"),
+                       ("2026-11-27T00:00:00-00:00", "2026-11-28T00:00:00.000000000Z"),
+                       ("2026-11-26T19:00:00-05:00", "2026-11-28T05:30:00%2B05:30"),
+                       ("2026-11-26T00:01:00-23:59", "2026-11-28T23:59:00%2B23:59")]:
+        answer = client.get(f"/status-count?start={start}&end={end}").get_json()
+        assert answer.get("total") == 2, (start, end, answer)
+        assert (answer["start"], answer["end"]) == ("2026-11-27T00:00:00Z", "2026-11-28T00:00:00Z")
+
+
+@pytest.mark.parametrize("value, words", [
+    ("2026-11-27T10.5Z", "fraction of an hour"),
+    ("2026-11-27T10:30.5Z", "fraction of an hour or a minute"),
+    ("2026-11-27T10:00:00,5Z", "decimal sign"),
+    ("2026-W48-5", "week dates"),
+    ("2026-W48-5T10:00:00Z", "week dates"),
+    ("2026-331", "ordinal dates"),
+    ("20261127", "basic format"),
+    ("20261127T100000Z", "basic format"),
+    ("2026-11-27T100000Z", "basic format"),
+    ("2026-11", "a month alone"),
+    ("2026-11-27T24:00:00Z", "hour must be in 0..23"),
+    ("2016-12-31T23:59:60Z", "leap second"),
+    ("2026-11-27T10:00:00%2B24:00", "offset +24:00"),
+    ("2026-11-27T10:00:00-00:60", "offset -00:60"),
+    ("2026-11-27T10:00:00Z%2B01:00", "follows the time"),
+    ("2026-11-27T10:00:00%2B0100", "follows the time"),
+    ("2026-11-27T10:00:00%2B01:00:00", "follows the time"),
+    ("2026-11-27T10:00:00+01:00", "write '+' as %2B"),
+    ("2026-11-27T10:00:00.5+01:00", "write '+' as %2B"),
+    ("2026-11-27T10:00:00UTC", "follows the time"),
+    ("2026-11-27T10:00:00Zjunk", "follows the time"),
+    ("2026-11-27T10:00:00Z%0A", "follows the time"),
+    ("2026-11-27T10:00:00.", "follows the time"),
+    ("2026-11-27Z", "follows the date"),
+    ("2026-11-27T", "follows the date"),
+    ("2026-11-27T10:00Z", "seconds are required"),
+    ("2026-11-27T10", "seconds are required"),
+    ("%D9%A2%D9%A0%D9%A2%D9%A6-11-27", "not ASCII"),  # Arabic-Indic digits
+    ("2026-11-27T%EF%BC%91%EF%BC%90:00:00Z", "not ASCII"),  # fullwidth digits
+    ("10000-01-01", "four digits"),
+    ("-2026-11-27", "four digits"),
+    ("0000-01-01", "year 0"),
+    ("2026-02-29", "day is out of range"),
+    ("2026-00-10", "month must be in 1..12"),
+    ("0001-01-01T00:00:00%2B00:01", "outside years"),
+    ("9999-12-31T23:59:59.9991Z", "outside years"),
+    ("27/11/2026", "not of the form"),
+    ("Fri, 27 Nov 2026 10:00:00 GMT", "not of the form"),
+    ("now", "not of the form"),
+])
+@pytest.mark.parametrize("parameter", ["start", "end"])
+def test_forms_that_only_look_like_rfc_3339_are_400_with_the_reason(client, parameter, value, words):
+    other = {"start": "end=2026-12-01", "end": "start=2026-11-01"}[parameter]
+    response = client.get(f"/status-count?{parameter}={value}&{other}")
+    assert response.status_code == 400 and response.is_json
+    error = response.get_json()["error"]
+    assert f"parameter '{parameter}'" in error and words in error, error
+
+
 @pytest.mark.parametrize("query, parameter", [
     ("", "start"),
     ("end=2026-11-27T00:00:00Z", "start"),
