@@ -29,6 +29,7 @@ test: venv services
 bench: venv services
 	$(PY) bench/ingest.py
 	$(PY) bench/query.py
+	$(PY) bench/live.py
 
 clean:
 	scripts/services reset

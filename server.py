@@ -580,6 +580,7 @@ def main():
         parser.error("--processes must be at least 1")
     logging.basicConfig(format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")  # libraries: warnings only
     LOG.setLevel(args.log_level)
+    counts.LOG.setLevel(args.log_level)
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # the server logs each transition itself
     mongo = pymongo.MongoClient(config.MONGO_URI, tz_aware=True, serverSelectionTimeoutMS=5000)
     server = StatusServer(mongo[config.MONGO_DB][config.MONGO_COLLECTION], fault_hook=_fault_hook_from_environment(),
