@@ -39,34 +39,39 @@ Why every answer is exact once the batches in flight are acknowledged:
    its record, listing exactly the documents the unordered insert reported as new; only
    then is it acknowledged. Each raw document is created by one insert, so it is in at
    most one record. A batch that dies between intent and record leaves an open intent: the
-   folder closes it, once its owner is dead (same host) or it is older than
-   RECOVER_AFTER_SECONDS, with a record of the raw documents stamped with its id (a read
-   of the raw collection: rare, and off the request and ingest paths). A record's _id is
-   unique, so of a late owner and the folder only one record lands. A batch that met
-   duplicates (documents some earlier batch created) waits, before it is acknowledged,
-   until every intent open at that moment is closed: the batch that created them has then
-   its record. So an acknowledged document is in exactly one record (the assumption: a
-   raw insert a client gave up on has ended on the store within RECOVER_AFTER_SECONDS).
+   folder closes it with a record of the raw documents stamped with its id (a read of the
+   raw collection: rare, and off the request and ingest paths), once the intent has been
+   open for RECOVER_AFTER_SECONDS, or for DEAD_OWNER_GRACE_SECONDS after its owner is
+   seen gone on this machine (a write a dead process sent may still be landing). A
+   record's _id is unique, so of a late owner and the folder only one record lands. A
+   batch that met duplicates (documents some earlier batch created) waits, before it is
+   acknowledged, until every intent open at that moment is closed: the batch that created
+   them has then its record. So an acknowledged document is in exactly one record (the
+   assumption: a raw insert has ended on the store by the time its intent is recovered).
 2. Rounds. The folder folds the records present at the start of round n: it first writes
    the state {round: n, records}, then adds those records into every aggregate they touch
    that is stamped with a round below n, stamping it n (fragments first), and then deletes
-   them. A round cut short is finished with the same records by the next folder, since
-   the state names them and the stamps tell what is done. So an aggregate stamped r holds
-   exactly the records of rounds up to r that touch it, and a record still in the log is
-   in no aggregate unless its round is the state's current one.
-3. Reads. A reader reads the state, then the log, then the aggregates, then the state
-   again, and starts over if the round changed. Each piece of the range is answered by
-   one aggregate X and by the logged records that X does not hold yet: those not in the
-   state's round, or in it while X's round is below it. A record folded and deleted before
-   the log was read is in X (X is read after it), and one written after that belongs to a
-   later round, which the second state read would show.
+   their intents and them. A round cut short is finished with the same records by the next
+   folder, since the state names them and the stamps tell what is done. So an aggregate
+   stamped r holds exactly the records of rounds up to r that touch it, and a record still
+   in the log is in no aggregate unless its round is the state's current one.
+3. Reads. A reader reads the log (state and records in one query), then the aggregates it
+   needs. Each piece of the range is answered by one aggregate X and by the logged records
+   that X does not hold yet: those not in the state's round, or in it while X's round is
+   below it. A record folded and deleted before the log was read is in X (X is read after
+   it). A round that began after the log was read can only make this wrong by having
+   written X first, which X's round then shows, or by having deleted a fragment X names;
+   the reader starts over in either case.
 4. Leases. One folder at a time holds the lease of a time slot, claimed with a unique
-   insert, and writes only within the slot it holds (the assumption: clocks agree to well
-   within a second, and a folder is not paused mid-write past its slot).
+   insert, and writes only within the slot it holds; one that takes over from another,
+   or whose write failed, first waits out QUIET_SECONDS, the deadline of any write still
+   in flight; and none claims a slot below one already claimed (the assumption: clocks
+   agree to within a second).
 Counts are never incremented in place, so no increment can be lost.
 """
 
 import bisect
+import collections
 import logging
 import math
 import os
@@ -95,7 +100,8 @@ TOP = len(LEVELS)
 FLOAT_EXACT_SECONDS = 2**33
 DUPLICATE_KEY = 11000
 MAX_BSON_BYTES = 16 * 1024 * 1024  # MongoDB's limit on one document
-RECOVER_AFTER_SECONDS = 60
+RECOVER_AFTER_SECONDS = 120  # an intent open this long is recovered even if its owner may live
+DEAD_OWNER_GRACE_SECONDS = 15  # after its owner died: a write it sent may still be landing
 LEASE_SECONDS = 10
 FOLD_INTERVAL_SECONDS = 0.5
 # A second whose detail is spread over more fragments than this has its hour's fragments
@@ -104,6 +110,14 @@ MAX_FRAGMENTS_PER_SECOND = 4
 READ_ATTEMPTS = 20
 STEP_SECONDS = 30  # the folder's deadline for one store operation; recovery reads the raw collection:
 RECOVERY_SECONDS = 3600  # minutes for tens of millions of documents on FerretDB
+# A folder that takes over waits until every write of the one before it has ended (STEP_SECONDS),
+# and so does a folder after a failed write: a write a client gave up on may still land.
+QUIET_SECONDS = STEP_SECONDS + 2
+LEASE_WINDOW = QUIET_SECONDS // LEASE_SECONDS + 2  # slots back in which a folder before may still write
+CACHED = 64
+MAX_RECORDS_PER_ROUND = 200  # 400,000 messages at most: any fragment stays far below 16 MiB
+MAX_COMPACTED_ENTRIES = 1_000_000  # about 7 MB; an hour busier than that keeps its fragments
+WAIT_FOR_RECOVERY_SECONDS = 10 * RECOVER_AFTER_SECONDS
 
 
 def epoch_seconds(moment):
@@ -271,12 +285,21 @@ def _process_start(pid):
         return None
 
 
-OWNER = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+def _machine():
+    """This boot of this machine and this PID namespace: where a pid means one process."""
+    try:
+        boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+        return f"{socket.gethostname()}/{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+OWNER = {"machine": _machine(), "pid": os.getpid(), "start": _process_start(os.getpid())}
 
 
 def _owner_is_dead(owner):
-    """True only when the owner ran on this host and is gone; elsewhere nobody can tell."""
-    if not owner or owner.get("host") != socket.gethostname():
+    """True only when the owner ran where this process runs and is gone; elsewhere nobody can tell."""
+    if not owner or owner.get("machine") is None or owner.get("machine") != _machine():
         return False
     return _process_start(owner["pid"]) != owner.get("start")
 
@@ -349,6 +372,9 @@ class BatchWriter:
             open_now = _open_intents(self._log) - {batch}
         started, logged = time.monotonic(), False
         while open_now:
+            if time.monotonic() - started > WAIT_FOR_RECOVERY_SECONDS:
+                raise CountsStalled(f"the counts of {len(open_now)} interrupted batches were not recovered within "
+                                    f"{WAIT_FOR_RECOVERY_SECONDS}s: is a server.py (its folder) running on this database?")
             if not logged and time.monotonic() - started > 5:
                 LOG.warning("waiting for the counts of %d interrupted batches to be recovered", len(open_now))
                 logged = True
@@ -357,6 +383,10 @@ class BatchWriter:
                 open_now &= _open_intents(self._log)
         if logged:
             LOG.info("interrupted batches recovered after %.1fs", time.monotonic() - started)
+
+
+class CountsStalled(PyMongoError):
+    """No folder recovered an interrupted batch in time: handled as a store outage."""
 
 
 def _unencodable(documents, codec_options):
@@ -392,19 +422,25 @@ class Folder:
     `fold_once()` runs one round if this folder holds the lease (tests and the benchmark).
     """
 
-    def __init__(self, collection, recover_after=RECOVER_AFTER_SECONDS, clock=time.time):
+    def __init__(self, collection, recover_after=RECOVER_AFTER_SECONDS, dead_owner_grace=DEAD_OWNER_GRACE_SECONDS,
+                 clock=time.time):
         self._raw = collection
         self._log, self._aggregates = _collections(collection)
-        self._recover_after = recover_after
+        self._recover_after, self._dead_owner_grace = recover_after, dead_owner_grace
         self._clock = clock
         self._name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._slots = set()  # lease slots this folder holds
+        self._quiet_until = float("-inf")  # on self._clock: no aggregate write before
+        self._open_since = {}  # batch -> when this folder first saw its intent open (monotonic)
         self._superseded = []  # (collection, [fragment ids]) merged by the last round
+        # The aggregates this folder wrote while it held the lease without a break: only it writes
+        # them then, so a round need not read them again (the newest CACHED, as hours are big).
+        self._cache = collections.OrderedDict()
 
     # lease ------------------------------------------------------------------
 
     def _holds_lease(self):
-        """Claim the current slot when free, and the next one in time; True while writing is allowed."""
+        """Claim the current slot when free, and the next one in time; True while this folder holds one."""
         now = self._clock()
         slot = int(now // LEASE_SECONDS)
         into_slot = now - slot * LEASE_SECONDS
@@ -415,39 +451,53 @@ class Folder:
         for candidate in wanted:
             if candidate in self._slots:
                 continue
+            window = [f"lease:{number}" for number in range(candidate - LEASE_WINDOW, candidate + 3)]
+            leases = {int(d["_id"][6:]): d["folder"] for d in self._log.find({"_id": {"$in": window}})}
+            if any(number > candidate for number in leases):
+                continue  # this folder's clock is behind another's: never claim what is past for it
             try:
                 self._log.insert_one({"_id": f"lease:{candidate}", "folder": self._name})
-                self._slots.add(candidate)
-                if candidate - 1 not in self._slots:
-                    LOG.info("folding counts (lease from slot %d)", candidate)
-                self._log.delete_many({"_id": {"$in": [f"lease:{old}" for old in range(candidate - 8, candidate - 2)]}})
             except DuplicateKeyError:
-                pass
+                continue
+            self._slots.add(candidate)
+            if candidate - 1 not in self._slots:
+                self._cache.clear()
+                before = [number for number, folder in leases.items() if number < candidate and folder != self._name]
+                if before:  # the folder before may still have a write in flight
+                    self._quiet_until = max(self._quiet_until, (max(before) + 1) * LEASE_SECONDS + QUIET_SECONDS)
+                LOG.info("folding counts (lease from slot %d)", candidate)
+            self._log.delete_many({"_id": {"$in": [f"lease:{old}" for old in
+                                                   range(candidate - 2 * LEASE_WINDOW, candidate - LEASE_WINDOW)]}})
         self._slots = {held for held in self._slots if held >= slot}
-        return self._still_holds()
+        return slot in self._slots
 
     def _still_holds(self):
         """Writing is allowed within a held slot, but for its last second unless the next is held too
         (a write in flight, and clocks that disagree a little, must not reach another folder's slot)."""
         now = self._clock()
         slot = int(now // LEASE_SECONDS)
-        return slot in self._slots and (now < (slot + 1) * LEASE_SECONDS - 1 or slot + 1 in self._slots)
+        return (now >= self._quiet_until and slot in self._slots
+                and (now < (slot + 1) * LEASE_SECONDS - 1 or slot + 1 in self._slots))
 
     # rounds -----------------------------------------------------------------
 
     def run(self, stopping):
-        down = False
+        failures = 0
         while not stopping.is_set():
             try:
                 folded = self.fold_once()
-                if down:
-                    LOG.info("counts: MongoDB is back")
-                    down = False
-            except PyMongoError as error:
-                if not down:
-                    LOG.warning("counts: MongoDB unavailable (%s); retrying", error)
-                    down = True
+                if failures:
+                    LOG.info("counts: folding again")
+                failures = 0
+            except Exception as error:  # noqa: BLE001 - the round is finished later, by this folder or another
+                if not failures:
+                    LOG.warning("counts: folding failed (%s); retrying", error, exc_info=not isinstance(error, PyMongoError))
+                failures += 1
                 folded = False
+                self._quiet_until = self._clock() + QUIET_SECONDS  # a write given up on may still land
+                self._cache.clear()
+                if failures % 3 == 0:
+                    self._slots.clear()  # let another folder try: the lease lapses at the end of the slot
             stopping.wait(FOLD_INTERVAL_SECONDS if folded else FOLD_INTERVAL_SECONDS / 2)
 
     def fold_once(self):
@@ -457,7 +507,9 @@ class Folder:
                 return False
             log = list(self._log.find({}))
         with pymongo.timeout(RECOVERY_SECONDS):
-            self._recover(log)
+            self._recover(log)  # inserts records only, each once: safe before the quiet time ends
+        if not self._still_holds():
+            return False
         return self._round(log)
 
     def _round(self, log):
@@ -466,7 +518,7 @@ class Folder:
         if unfinished:  # a round cut short: finish it with the same records
             number, records = state["round"], unfinished
         else:
-            records = [record for record in log if record["_id"].startswith("c:")]
+            records = [record for record in log if record["_id"].startswith("c:")][:MAX_RECORDS_PER_ROUND]
             if not records:
                 return False
             number = state["round"] + 1
@@ -486,8 +538,10 @@ class Folder:
         if not self._still_holds():
             return False
         done = [record["_id"] for record in records]
+        with pymongo.timeout(STEP_SECONDS):  # intents first: an intent without its record would look open
+            self._log.delete_many({"_id": {"$in": [f"i:{_id[2:]}" for _id in done]}})
         with pymongo.timeout(STEP_SECONDS):
-            self._log.delete_many({"_id": {"$in": done + [f"i:{_id[2:]}" for _id in done]}})
+            self._log.delete_many({"_id": {"$in": done}})
         return True
 
     def _apply(self, number, records):
@@ -531,7 +585,7 @@ class Folder:
 
     def _merge(self, number, level, bucket, parts):
         home, _id = _home(self._raw, level, bucket), _aggregate_id(level, bucket)
-        current = home.find_one({"_id": _id}) or {"round": 0, "parts": ""}
+        current = self._cache.pop((level, bucket), None) or home.find_one({"_id": _id}) or {"round": 0, "parts": ""}
         if current["round"] >= number:
             return  # done by this round's first attempt
         merged = _decode_parts(current["parts"])
@@ -546,6 +600,9 @@ class Folder:
                 fragments = self._compact(number, bucket, fragments)
             document["fragments"] = _encode_fragments(fragments)
         home.replace_one({"_id": _id}, document, upsert=True)
+        self._cache[(level, bucket)] = document
+        while len(self._cache) > CACHED:
+            self._cache.popitem(last=False)
 
     def _compact(self, number, hour, fragments):
         """Merge every fragment of an hour into one, tagged "<round>c"; the others are deleted
@@ -556,6 +613,8 @@ class Folder:
         for tag in tags:
             fragment = home.find_one({"_id": f"f:{hour}:{tag}"})
             entries.extend(_decode_all_seconds(fragment["entries"] if fragment else ""))
+        if len(entries) > MAX_COMPACTED_ENTRIES:
+            return fragments  # one merged fragment would be too big: the hour keeps its fragments
         merged = f"{number}c"
         try:
             home.insert_one({"_id": f"f:{hour}:{merged}", "entries": _encode_seconds(sorted(entries))})
@@ -566,10 +625,14 @@ class Folder:
 
     def _recover(self, log):
         """Close the intents whose batch died before its record, from the raw documents it stamped."""
-        now = self._clock()
-        owners = {record["_id"][2:]: record for record in log if record["_id"].startswith("i:")}
-        stale = [batch for batch in _open_intents(self._log, log)
-                 if _owner_is_dead(owners[batch].get("owner")) or now - owners[batch]["at"] > self._recover_after]
+        now = time.monotonic()
+        owners = {record["_id"][2:]: record.get("owner") for record in log if record["_id"].startswith("i:")}
+        open_now = _open_intents(self._log, log)
+        self._open_since = {batch: self._open_since.get(batch, now) for batch in open_now}
+        # Aged on this folder's clock: a writer's clock may be off, and a write its process sent
+        # before it died may still be landing.
+        stale = [batch for batch in open_now if now - self._open_since[batch] >= self._recover_after
+                 or _owner_is_dead(owners[batch]) and now - self._open_since[batch] >= self._dead_owner_grace]
         if not stale:
             return
         started = time.monotonic()
@@ -647,12 +710,13 @@ def _pieces(low, high, level=0):
 
 
 class _Snapshot:
-    """One consistent read: state, log, aggregates, state again (argument 3 above)."""
+    """One consistent read: the log, then the aggregates (argument 3 above)."""
 
     def __init__(self, collection):
         self._raw = collection
         self._log = _collections(collection)[0]
         self._documents = {}
+        self._stale = False
 
     def count(self, low_ms, high_ms):
         log = list(self._log.find({}))  # the state first (argument 3), then the records
@@ -675,8 +739,11 @@ class _Snapshot:
                 self._add_piece(counts, level, bucket, low, high)
             if last_second * 1000 < high_ms:
                 self._add_detail(counts, last_second * 1000, high_ms)
-        again = self._log.find_one({"_id": "state"}) or {"round": 0}
-        return counts if again["round"] == state["round"] else None
+        # A round that began after the state was read shows as an aggregate stamped with it, or as a
+        # fragment the hour document names gone: only then can an answer mix two rounds.
+        if self._stale or any(document["round"] > state["round"] for document in self._documents.values()):
+            return None
+        return counts
 
     def _aggregate(self, level, bucket):
         key = (level, bucket)
@@ -711,7 +778,10 @@ class _Snapshot:
         low, high = low_ms - second * 1000, high_ms - second * 1000
         for tag in _decode_fragments(document.get("fragments", "")).get(second - hour * HOUR, ()):
             fragment = home.find_one({"_id": f"f:{hour}:{tag}"})
-            for ms, status in _decode_second(fragment["entries"] if fragment else "", second - hour * HOUR):
+            if fragment is None:
+                self._stale = True  # merged and deleted by a later round
+                continue
+            for ms, status in _decode_second(fragment["entries"], second - hour * HOUR):
                 if low <= ms < high:
                     counts[status] += 1
         self._add_pending(counts, document["round"], low_ms, high_ms)

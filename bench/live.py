@@ -166,6 +166,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="burst rounds with and without the dashboard's load")
     parser.add_argument("--naive", type=int, default=1, help="naive aggregations timed (each reads every document)")
     parser.add_argument("--output", default=str(ROOT / "bench/results/live.json"))
+    parser.add_argument("--keep", action="store_true", help="keep the database and the queue afterwards")
     args = parser.parse_args()
     (ROOT / "bench/results").mkdir(parents=True, exist_ok=True)
     rng = random.Random(11)
@@ -237,14 +238,17 @@ def main():
             api.wait(30)
         if server:
             server.stop()
-        connection = connect()
-        channel = connection.channel()
-        for queue in (config.QUEUE, config.QUEUE + ".dead"):
-            channel.queue_delete(queue)
-        channel.exchange_delete(config.EXCHANGE)
-        channel.exchange_delete(config.QUEUE + ".dlx")
-        connection.close()
-        mongo.drop_database(config.MONGO_DB)
+        if args.keep:
+            print(f"kept: database {config.MONGO_DB}, queue {config.QUEUE}")
+        else:
+            connection = connect()
+            channel = connection.channel()
+            for queue in (config.QUEUE, config.QUEUE + ".dead"):
+                channel.queue_delete(queue)
+            channel.exchange_delete(config.EXCHANGE)
+            channel.exchange_delete(config.QUEUE + ".dlx")
+            connection.close()
+            mongo.drop_database(config.MONGO_DB)
 
     every = [value for values in queries.latencies.values() for value in values]
     result = {
