@@ -74,6 +74,18 @@ def preload(messages):
     connection.close()
 
 
+def remove_run(mongo):
+    """Delete this run's queues, exchanges and database."""
+    connection = connect()
+    channel = connection.channel()
+    for queue in (config.QUEUE, config.QUEUE + ".dead", config.QUEUE + ".unroutable"):
+        channel.queue_delete(queue)
+    for exchange in (config.EXCHANGE, config.EXCHANGE + ".unroutable", config.QUEUE + ".dlx"):
+        channel.exchange_delete(exchange)
+    connection.close()
+    mongo.drop_database(config.MONGO_DB)
+
+
 def fresh_collection(mongo):
     mongo.drop_database(config.MONGO_DB)
     return mongo[config.MONGO_DB][config.MONGO_COLLECTION]
@@ -274,14 +286,7 @@ def main():
         preload(bodies(args.backlog))
         backlog_seconds, _, backlog_peak_mb = run_server(mongo, args.backlog)
     finally:
-        connection = connect()
-        channel = connection.channel()
-        for queue in (config.QUEUE, config.QUEUE + ".dead"):
-            channel.queue_delete(queue)
-        channel.exchange_delete(config.EXCHANGE)
-        channel.exchange_delete(config.QUEUE + ".dlx")
-        connection.close()
-        mongo.drop_database(config.MONGO_DB)
+        remove_run(mongo)
 
     rates = {name: statistics.median(rate for rate, _ in done) for name, done in runs.items()}
     cpu_us = {name: statistics.median(cpu for _, cpu in done) for name, done in runs.items()}

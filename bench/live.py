@@ -180,6 +180,10 @@ def main():
         published_seconds = time.perf_counter() - began
         server = ServerProcess("server-live.log")
         load_seconds = server.wait_stored(args.messages, timeout=7200) - server.ready_at[0]
+        log = mongo[config.MONGO_DB][f"{config.MONGO_COLLECTION}_counts_log"]
+        while log.count_documents({"_id": {"$regex": "^c:"}}):  # stored means counted too: the folder catches up
+            time.sleep(1)
+        fold_seconds = time.perf_counter() - server.stored_at[-1][0]
         api = ingest.subprocess.Popen([ingest.sys.executable, str(ROOT / "api.py")], cwd=ROOT,
                                       env=dict(ingest.os.environ, API_PORT=str(port)),
                                       stdout=open(ROOT / "bench/results/api-live.log", "wb"), stderr=ingest.subprocess.STDOUT)
@@ -241,20 +245,14 @@ def main():
         if args.keep:
             print(f"kept: database {config.MONGO_DB}, queue {config.QUEUE}")
         else:
-            connection = connect()
-            channel = connection.channel()
-            for queue in (config.QUEUE, config.QUEUE + ".dead"):
-                channel.queue_delete(queue)
-            channel.exchange_delete(config.EXCHANGE)
-            channel.exchange_delete(config.QUEUE + ".dlx")
-            connection.close()
-            mongo.drop_database(config.MONGO_DB)
+            ingest.remove_run(mongo)
 
     every = [value for values in queries.latencies.values() for value in values]
     result = {
         "machine": {"cores": ingest.os.cpu_count(), "store": store_name(mongo)},
         "messages": args.messages, "days": args.days, "publish_seconds": round(published_seconds),
         "load_through_server_seconds": round(load_seconds), "load_per_second": round(args.messages / load_seconds),
+        "folded_seconds_after_load": round(fold_seconds),
         "live": {"rate": args.rate, "seconds": args.seconds, "sent": publisher.sent, "queries": len(every)},
         "ms_by_kind": {kind: {"p50": round(percentile(values, 0.5), 1), "p99": round(percentile(values, 0.99), 1),
                               "queries": len(values)} for kind, values in queries.latencies.items()},
@@ -267,7 +265,7 @@ def main():
     }
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"live, {args.messages:,} messages over {args.days:g} days loaded through server.py in {load_seconds:.0f} s "
-          f"({result['load_per_second']:,}/s), store {result['machine']['store']}")
+          f"({result['load_per_second']:,}/s; all folded {fold_seconds:.0f} s later), store {result['machine']['store']}")
     print(f"{args.seconds:g} s at {args.rate:g} msg/s ({publisher.sent:,} sent, 1 in 20 a backfill), {len(every)} queries ending at now")
     print(f"{'range ending at now':<24}{'p50 ms':>10}{'p99 ms':>10}{'queries':>10}")
     for kind, values in result["ms_by_kind"].items():
