@@ -10,7 +10,7 @@ Three roles, one per class:
 
 Layout, for raw collection `status` (`<c>` below); the number of collections is fixed
 but for two per day of data:
-- `<c>_counts_log`: per batch an intent `{_id: "i:<batch>", owner, at}`, inserted before
+- `<c>_counts_log`: per batch an intent `{_id: "i:<batch>", owner}`, inserted before
   the raw insert, and a record `{_id: "c:<batch>", entries}` of the documents the batch
   created (their millisecond times and statuses), inserted after it; `{_id: "state",
   round, records}`, the folder's current round; `lease:<slot>` documents that elect the
@@ -323,7 +323,7 @@ class BatchWriter:
     def write(self, documents):
         batch = uuid.uuid4().hex[:16]
         with pymongo.timeout(self._timeout_seconds):
-            self._log.insert_one({"_id": f"i:{batch}", "owner": OWNER, "at": time.time()})
+            self._log.insert_one({"_id": f"i:{batch}", "owner": OWNER})
             for document in documents:
                 document["batch"] = batch
             refused, duplicates = self._insert(documents)
@@ -563,7 +563,7 @@ class Folder:
             except BulkWriteError as error:  # written by the round's first attempt
                 if any(e["code"] != DUPLICATE_KEY for e in error.details["writeErrors"]):
                     raise
-        level_parts = [{hour: seconds for hour, seconds in hours.items()}]
+        level_parts = [hours]
         for level in range(1, TOP + 1):  # each level's parts are the totals of the level below
             child_size = LEVELS[level - 1]
             size = LEVELS[level] if level < TOP else None

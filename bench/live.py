@@ -22,8 +22,11 @@ raw documents. Prints a table and writes bench/results/live.json.
 import argparse
 import bisect
 import json
+import os
 import random
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -184,9 +187,9 @@ def main():
         while log.count_documents({"_id": {"$regex": "^c:"}}):  # stored means counted too: the folder catches up
             time.sleep(1)
         fold_seconds = time.perf_counter() - server.stored_at[-1][0]
-        api = ingest.subprocess.Popen([ingest.sys.executable, str(ROOT / "api.py")], cwd=ROOT,
-                                      env=dict(ingest.os.environ, API_PORT=str(port)),
-                                      stdout=open(ROOT / "bench/results/api-live.log", "wb"), stderr=ingest.subprocess.STDOUT)
+        api = subprocess.Popen([sys.executable, str(ROOT / "api.py")], cwd=ROOT,
+                                      env=dict(os.environ, API_PORT=str(port)),
+                                      stdout=open(ROOT / "bench/results/api-live.log", "wb"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -249,7 +252,7 @@ def main():
 
     every = [value for values in queries.latencies.values() for value in values]
     result = {
-        "machine": {"cores": ingest.os.cpu_count(), "store": store_name(mongo)},
+        "machine": {"cores": os.cpu_count(), "store": store_name(mongo)},
         "messages": args.messages, "days": args.days, "publish_seconds": round(published_seconds),
         "load_through_server_seconds": round(load_seconds), "load_per_second": round(args.messages / load_seconds),
         "folded_seconds_after_load": round(fold_seconds),
