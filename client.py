@@ -48,16 +48,21 @@ def make_message(status, device_id=None):
 
 
 class AmqpPublisher:
-    """Publishes with a window of unconfirmed messages over pika's asynchronous connection."""
+    """Publishes with a window of unconfirmed messages over pika's asynchronous connection.
 
-    def __init__(self, amqp_url, count, interval, window, device_id, give_up_seconds):
+    `messages` is an iterator of (message_id, status, body) to publish instead of random
+    statuses timestamped now (a replay of buffered readings, for one); publishing ends when
+    it runs out or `count` messages were taken from it, whichever comes first.
+    """
+
+    def __init__(self, amqp_url, count, interval, window, device_id, give_up_seconds, messages=None):
         self._parameters = pika.URLParameters(amqp_url)
         self._parameters.heartbeat = 30
         self._parameters.blocked_connection_timeout = 60
         self._remaining = count  # None: until stopped
         self._interval = interval
         self._window = window
-        self._device_id = device_id
+        self._messages = messages if messages is not None else self._random_messages(device_id)
         self._give_up_seconds = give_up_seconds
         self._connection = None
         self._channel = None
@@ -67,6 +72,7 @@ class AmqpPublisher:
         self._returned = set()
         self._stopping = False
         self._scheduled = False
+        self._next_due = 0.0  # monotonic time at which the next message is due (--interval)
         self._down_since = None
         self._delay = 1.0
         self.published = self.confirmed = self.refused = 0
@@ -105,6 +111,13 @@ class AmqpPublisher:
 
     def _finished(self):
         return self._remaining == 0 and not self._unconfirmed and not self._to_resend
+
+    @staticmethod
+    def _random_messages(device_id):
+        while True:
+            status = random.randrange(7)
+            message_id, body = make_message(status, device_id)
+            yield message_id, status, body
 
     # -- connection and channel -------------------------------------------------
 
@@ -148,6 +161,7 @@ class AmqpPublisher:
             LOG.info("connected to RabbitMQ, publishing to %s with key %s", config.EXCHANGE, config.ROUTING_KEY)
         self._down_since = None
         self._next_tag = 1
+        self._next_due = time.monotonic()
         self._publish_more()
 
     def _on_channel_closed(self, channel, reason):
@@ -174,20 +188,21 @@ class AmqpPublisher:
         while len(self._unconfirmed) < self._window:
             if self._to_resend:
                 message = self._to_resend.popleft()
-            elif self._remaining != 0 and not self._stopping:
-                status = random.randrange(7)
-                message_id, body = make_message(status, self._device_id)
-                message = (message_id, status, body)
+            elif self._remaining != 0 and not self._stopping and time.monotonic() >= self._next_due:
+                message = next(self._messages, None)
+                if message is None:
+                    self._remaining = 0
+                    break
                 if self._remaining is not None:
                     self._remaining -= 1
+                # Due times, not sleeps between messages: a late timer publishes all that fell due.
+                self._next_due += self._interval
             else:
                 break
             self._publish(message)
-            if self._interval > 0 and not self._to_resend:
-                break
         if self._interval > 0 and self._remaining != 0 and not self._stopping and not self._scheduled:
             self._scheduled = True
-            self._connection.ioloop.call_later(self._interval, self._publish_more)
+            self._connection.ioloop.call_later(max(0.0, self._next_due - time.monotonic()), self._publish_more)
         self._close_when_finished()
 
     def _publish(self, message):

@@ -21,6 +21,7 @@ raw documents. Prints a table and writes bench/results/live.json.
 
 import argparse
 import bisect
+import itertools
 import json
 import os
 import random
@@ -37,10 +38,10 @@ from pathlib import Path
 import ingest  # sets this run's exchange, queue and database names before config is read
 from ingest import ROOT, ServerProcess, connect, store_name
 
-import pika  # noqa: E402
 import pymongo  # noqa: E402
 
 import config  # noqa: E402
+from client import AmqpPublisher  # noqa: E402
 import counts  # noqa: E402
 from server import StatusServer  # noqa: E402
 
@@ -52,22 +53,37 @@ def iso(moment):
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def body(status, moment):
-    return json.dumps({"status": status, "message_id": uuid.uuid4().hex, "timestamp": iso(moment)}).encode()
+def message(status, moment):
+    """(message_id, status, body) as client.py publishes them, timestamped `moment`."""
+    message_id = str(uuid.uuid4())
+    fields = {"status": status, "message_id": message_id, "timestamp": iso(moment)}
+    return message_id, status, json.dumps(fields).encode()
+
+
+def confirmed_publisher(messages, count=None, interval=0.0):
+    """client.py's publisher, with publisher confirms: a message published without them may
+    still be lost when its channel closes (seen with quorum queues on RabbitMQ 3.10)."""
+    return AmqpPublisher(config.RABBITMQ_URL, count, interval, 1000, None, 60, messages=messages)
+
+
+def publish(publisher, count=None):
+    """Runs `publisher` to the end; the number of messages confirmed."""
+    publisher.run()
+    if publisher.refused or publisher.unconfirmed or (count is not None and publisher.confirmed != count):
+        raise SystemExit(f"publishing failed: {publisher.confirmed} confirmed, {publisher.refused} refused, "
+                         f"{publisher.unconfirmed} unconfirmed")
+    return publisher.confirmed
 
 
 def publish_backlog(count, days, rng):
     """`count` messages over the last `days` (ending a minute ago), in random order."""
     connection = connect()
-    channel = connection.channel()
-    StatusServer._declare_topology(channel)
+    StatusServer._declare_topology(connection.channel())
+    connection.close()
     now = datetime.now(timezone.utc) - timedelta(minutes=1)
     span_ms = int(days * 86400 * 1000)
-    properties = pika.BasicProperties(delivery_mode=2, content_type="application/json")
-    for index in range(count):
-        moment = now - timedelta(milliseconds=rng.randrange(span_ms))
-        channel.basic_publish(config.EXCHANGE, config.ROUTING_KEY, body(index % 7, moment), properties)
-    connection.close()
+    messages = (message(index % 7, now - timedelta(milliseconds=rng.randrange(span_ms))) for index in range(count))
+    publish(confirmed_publisher(messages, count), count)
 
 
 class Publisher(threading.Thread):
@@ -75,24 +91,22 @@ class Publisher(threading.Thread):
 
     def __init__(self, rate, rng):
         super().__init__(daemon=True)
-        self.rate, self.rng, self.sent = rate, rng, 0
-        self.stopping = threading.Event()
+        self.rng, self.sent = rng, 0
+        self.publisher = confirmed_publisher(self._messages(), interval=1 / rate)
+
+    def _messages(self):
+        for index in itertools.count():
+            now = datetime.now(timezone.utc)
+            moment = now - timedelta(milliseconds=self.rng.randrange(86_400_000)) if index % 20 == 19 else now
+            yield message(self.rng.randrange(7), moment)
 
     def run(self):
-        connection = connect()
-        channel = connection.channel()
-        properties = pika.BasicProperties(delivery_mode=2, content_type="application/json")
-        started = time.perf_counter()
-        while not self.stopping.is_set():
-            due = started + self.sent / self.rate
-            if time.perf_counter() < due:
-                connection.sleep(min(0.005, max(0.0, due - time.perf_counter())))
-                continue
-            now = datetime.now(timezone.utc)
-            moment = now - timedelta(milliseconds=self.rng.randrange(86_400_000)) if self.sent % 20 == 19 else now
-            channel.basic_publish(config.EXCHANGE, config.ROUTING_KEY, body(self.rng.randrange(7), moment), properties)
-            self.sent += 1
-        connection.close()
+        self.sent = publish(self.publisher)
+
+    def stop(self):
+        """Stops publishing; returns once every message published is confirmed."""
+        self.publisher.stop()
+        self.join(120)
 
 
 def ask(port, start, end):
@@ -129,14 +143,10 @@ class QueryLoop(threading.Thread):
 def burst(count, rng, server):
     """msg/s at which server.py stores `count` messages published at once."""
     before = server.stored_at[-1][1]
-    connection = connect()
-    channel = connection.channel()
-    properties = pika.BasicProperties(delivery_mode=2, content_type="application/json")
     now = datetime.now(timezone.utc)
+    messages = [message(rng.randrange(7), now) for _ in range(count)]
     began = time.perf_counter()
-    for _ in range(count):
-        channel.basic_publish(config.EXCHANGE, config.ROUTING_KEY, body(rng.randrange(7), now), properties)
-    connection.close()
+    publish(confirmed_publisher(iter(messages), count), count)
     return count / (server.wait_stored(before + count, timeout=600) - began)
 
 
@@ -212,8 +222,7 @@ def main():
             began = time.perf_counter()
             counts.raw_counts(collection, end - timedelta(hours=1), end)
             naive_ms.append((time.perf_counter() - began) * 1000)
-        publisher.stopping.set()
-        publisher.join(60)
+        publisher.stop()
 
         ratios, alone, loaded = [], [], []
         for _ in range(args.rounds):
