@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench services services-down venv clean
+.PHONY: demo test bench soak services services-down venv clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ bench: venv services
 	$(PY) bench/ingest.py
 	$(PY) bench/query.py
 	$(PY) bench/live.py
+
+# 30 minutes of ingest at 1,000 msg/s, queries and a kill -9 of a server process every 3 minutes.
+soak: venv services
+	$(PY) bench/soak.py
 
 clean:
 	scripts/services reset
