@@ -2,10 +2,11 @@
 
     python api.py                      # serves on API_HOST:API_PORT with waitress
     curl 'localhost:5000/status-count?start=2026-11-27T00:00:00Z&end=2026-11-28T00:00:00Z'
+    curl 'localhost:5000/status-series?start=2026-11-27T00:00:00Z&end=2026-11-28T00:00:00Z&step=1h'
 """
 
 import logging
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pymongo
 from flask import Flask, jsonify, request
@@ -19,6 +20,8 @@ from messages import GRAMMAR, STATUSES, parse_time
 MAX_PARAMETER_LENGTH = 64
 HEALTH_TIMEOUT_SECONDS = 2
 COUNT_TIMEOUT_SECONDS = 10
+STEPS = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "6h": 21600, "1d": 86400}  # each divides a day
+MAX_BUCKETS = 1500
 # /health writes one document here, always the same one: a store can answer ping and still hang
 # every write. One document, so that the write stays cheap on FerretDB, where an update reads
 # its whole collection.
@@ -46,14 +49,30 @@ def create_app(test_config=None):
 
     @app.get("/status-count")
     def status_count():
-        start = _time_parameter("start")
-        end = _time_parameter("end")
-        if start > end:
-            raise BadRequest(f"start ({_format(start)}) is after end ({_format(end)})")
+        start, end = _time_range()
         with pymongo.timeout(COUNT_TIMEOUT_SECONDS):  # a hung store answers 503, not never
             answer = counts.count(collection, start, end)
         return jsonify(start=_format(start), end=_format(end),
                        counts={str(status): answer[status] for status in STATUSES}, total=sum(answer))
+
+    @app.get("/status-series")
+    def status_series():
+        """Counts per status for every `step` bucket (aligned to UTC) that meets [start, end),
+        the first and last clipped to it: each equals /status-count for its own bounds."""
+        start, end = _time_range()
+        step = request.args.get("step", "")
+        if step not in STEPS or len(request.args.getlist("step")) > 1:
+            raise BadRequest(f"parameter 'step' must be given once, one of {', '.join(STEPS)}: {step[:16]!r}")
+        low, high = counts.epoch_ms(start), counts.epoch_ms(end)
+        buckets = -(-high // (STEPS[step] * 1000)) - low // (STEPS[step] * 1000) if low < high else 0
+        if buckets > MAX_BUCKETS:
+            raise BadRequest(f"parameter 'step' {step} makes {buckets} buckets from start to end; at most "
+                             f"{MAX_BUCKETS} are answered: choose a longer step or a shorter range")
+        with pymongo.timeout(COUNT_TIMEOUT_SECONDS):
+            answer = counts.series(collection, start, end, STEPS[step])
+        return jsonify(start=_format(start), end=_format(end), step=step, buckets=[
+            dict(start=_format_ms(low), end=_format_ms(high), counts={str(status): bucket[status] for status in STATUSES},
+                 total=sum(bucket)) for low, high, bucket in answer])
 
     @app.get("/health")
     def health():
@@ -116,6 +135,18 @@ def _time_parameter(name):
     except ValueError as error:
         hint = " (in a URL, write '+' as %2B)" if " " in text[11:] else ""
         raise BadRequest(f"parameter '{name}' is not an RFC 3339 date and time: {error}{hint}: {text!r}") from None
+
+
+def _time_range():
+    start = _time_parameter("start")
+    end = _time_parameter("end")
+    if start > end:
+        raise BadRequest(f"start ({_format(start)}) is after end ({_format(end)})")
+    return start, end
+
+
+def _format_ms(epoch_ms):
+    return _format(counts.EPOCH + timedelta(milliseconds=epoch_ms))
 
 
 def _format(moment):

@@ -76,6 +76,7 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -432,6 +433,7 @@ class Folder:
         self._slots = set()  # lease slots this folder holds
         self._quiet_until = float("-inf")  # on self._clock: no aggregate write before
         self._open_since = {}  # batch -> when this folder first saw its intent open (monotonic)
+        self._recovery = None  # the thread recovering interrupted batches, in run()
         self._superseded = []  # (collection, [fragment ids]) merged by the last round
         # The aggregates this folder wrote while it held the lease without a break: only it writes
         # them then, so a round need not read them again (the newest CACHED, as hours are big).
@@ -482,10 +484,13 @@ class Folder:
     # rounds -----------------------------------------------------------------
 
     def run(self, stopping):
+        """Rounds until `stopping` is set. Recovery runs beside them, in a thread of its own: on
+        FerretDB it reads the whole raw collection (minutes at millions of documents), and the
+        rounds must go on meanwhile, or readers would decode ever more unfolded records."""
         failures = 0
         while not stopping.is_set():
             try:
-                folded = self.fold_once()
+                folded = self.fold_once(recover_beside=True)
                 if failures:
                     LOG.info("counts: folding again")
                 failures = 0
@@ -500,14 +505,21 @@ class Folder:
                     self._slots.clear()  # let another folder try: the lease lapses at the end of the slot
             stopping.wait(FOLD_INTERVAL_SECONDS if folded else FOLD_INTERVAL_SECONDS / 2)
 
-    def fold_once(self):
-        """One round: True when it folded something, False otherwise."""
+    def fold_once(self, recover_beside=False):
+        """One round: True when it folded something, False otherwise. Interrupted batches due
+        for recovery are recovered first, or with `recover_beside` in a thread started now."""
         with pymongo.timeout(STEP_SECONDS):
             if not self._holds_lease():
                 return False
             log = list(self._log.find({}))
-        with pymongo.timeout(RECOVERY_SECONDS):
-            self._recover(log)  # inserts records only, each once: safe before the quiet time ends
+        # Recovery inserts records only, each once: safe before the quiet time ends, and beside a round.
+        stale = self._due_for_recovery(log)
+        if stale and not recover_beside:
+            self._recover(stale)
+        elif stale and not (self._recovery and self._recovery.is_alive()):
+            self._recovery = threading.Thread(target=self._recover_logging_failure, args=(stale,),
+                                              name="counts-recovery", daemon=True)
+            self._recovery.start()
         if not self._still_holds():
             return False
         return self._round(log)
@@ -623,8 +635,15 @@ class Folder:
         self._superseded.append((home.name, [f"f:{hour}:{tag}" for tag in tags]))
         return {offset: [merged] for offset in fragments}
 
-    def _recover(self, log):
-        """Close the intents whose batch died before its record, from the raw documents it stamped."""
+    def _recover_logging_failure(self, stale):
+        try:
+            self._recover(stale)
+        except Exception as error:  # noqa: BLE001 - a later round starts it again
+            LOG.warning("counts: recovering %d interrupted batches failed (%s); retrying", len(stale), error,
+                        exc_info=not isinstance(error, PyMongoError))
+
+    def _due_for_recovery(self, log):
+        """The batches whose intent has been open long enough to be recovered."""
         now = time.monotonic()
         owners = {record["_id"][2:]: record.get("owner") for record in log if record["_id"].startswith("i:")}
         open_now = _open_intents(self._log, log)
@@ -633,15 +652,19 @@ class Folder:
         # before it died may still be landing.
         stale = [batch for batch in open_now if now - self._open_since[batch] >= self._recover_after
                  or _owner_is_dead(owners[batch]) and now - self._open_since[batch] >= self._dead_owner_grace]
-        if not stale:
-            return
+        return stale
+
+    def _recover(self, stale):
+        """Close the intents whose batch died before its record, from the raw documents it stamped."""
         started = time.monotonic()
         created = {batch: [] for batch in stale}
-        for document in self._raw.find({"batch": {"$in": stale}}, {"timestamp": 1, "status": 1, "batch": 1}):
-            created[document["batch"]].append((epoch_ms(document["timestamp"]), document["status"]))
+        with pymongo.timeout(RECOVERY_SECONDS):
+            for document in self._raw.find({"batch": {"$in": stale}}, {"timestamp": 1, "status": 1, "batch": 1}):
+                created[document["batch"]].append((epoch_ms(document["timestamp"]), document["status"]))
         for batch, entries in created.items():
             try:
-                self._log.insert_one({"_id": f"c:{batch}", "entries": _encode_entries(sorted(entries)), "recovered": True})
+                with pymongo.timeout(STEP_SECONDS):
+                    self._log.insert_one({"_id": f"c:{batch}", "entries": _encode_entries(sorted(entries)), "recovered": True})
             except DuplicateKeyError:
                 pass  # its owner wrote it after all
         LOG.warning("recovered the counts of %d interrupted batches (%d documents) from the raw collection in %.1fs",
@@ -671,13 +694,27 @@ def count(collection, start, end):
     `start` and `end` are aware datetimes; stored times are whole milliseconds, so a bound
     with finer digits must be rounded up to the next millisecond by the caller. Raises
     PyMongoError when the store does not answer."""
+    return _read(collection, [(_bound_ms(start), _bound_ms(end))])[0]
+
+
+def series(collection, start, end, step_seconds):
+    """[(low_ms, high_ms, [count per status])] for every bucket of `step_seconds` (aligned
+    to multiples of it since 1970-01-01 UTC, so to UTC midnight for any divisor of a day)
+    that meets [start, end), clipped to it: each equals count() of its own bounds, and all
+    come from one consistent read. Bounds as for count(); raises PyMongoError likewise."""
     low, high = _bound_ms(start), _bound_ms(end)
+    step = step_seconds * 1000
     if low >= high:
-        return [0] * STATUSES
+        return []
+    ranges = [(max(low, edge), min(high, edge + step)) for edge in range(low // step * step, high, step)]
+    return [(low, high, answer) for (low, high), answer in zip(ranges, _read(collection, ranges))]
+
+
+def _read(collection, ranges):
     for _ in range(READ_ATTEMPTS):
-        answer = _Snapshot(collection).count(low, high)
-        if answer is not None:
-            return answer
+        answers = _Snapshot(collection).counts(ranges)
+        if answers is not None:
+            return answers
     raise _Busy("the counts changed under every read; try again")
 
 
@@ -691,12 +728,15 @@ def _bound_ms(moment):
 
 def _pieces(low, high, level=0):
     """Split whole seconds [low, high) into (level, bucket, low, high) pieces, each inside one
-    bucket of its level and answered by that bucket's parts (`all` for the top)."""
+    bucket of its level and answered by that bucket's parts (`all` for the top); whole
+    buckets of a level are parts of the level above, and are read there."""
     if low >= high:
         return []
     if level == TOP:
         return [(TOP, 0, low, high)]
     size = LEVELS[level]
+    if low % size == 0 and high % size == 0:
+        return _pieces(low, high, level + 1)
     first, last = low // size, (high - 1) // size
     if first == last:
         return [(level, first, low, high)]
@@ -709,6 +749,21 @@ def _pieces(low, high, level=0):
     return pieces
 
 
+def _plan(low_ms, high_ms):
+    """[("detail", low_ms, high_ms) inside one second, or ("piece", level, bucket, low, high)
+    in whole seconds] that together make [low_ms, high_ms)."""
+    if low_ms >= high_ms:
+        return []
+    first_second, last_second = -(-low_ms // 1000), high_ms // 1000
+    if first_second > last_second:  # both bounds inside one second
+        return [("detail", low_ms, high_ms)]
+    plan = [("detail", low_ms, first_second * 1000)] if low_ms < first_second * 1000 else []
+    plan += [("piece", *piece) for piece in _pieces(first_second, last_second)]
+    if last_second * 1000 < high_ms:
+        plan.append(("detail", last_second * 1000, high_ms))
+    return plan
+
+
 class _Snapshot:
     """One consistent read: the log, then the aggregates (argument 3 above)."""
 
@@ -718,49 +773,66 @@ class _Snapshot:
         self._documents = {}
         self._stale = False
 
-    def count(self, low_ms, high_ms):
+    def counts(self, ranges):
+        """[[count per status]] of each [low_ms, high_ms) in `ranges`, or None when a round
+        that began after the log was read touched what was read: then read again."""
         log = list(self._log.find({}))  # the state first (argument 3), then the records
         state = next((record for record in log if record["_id"] == "state"), {"round": 0, "records": []})
+        self._round = state["round"]
         in_round = set(state["records"])
-        self._pending = []  # (round, [ms], [status]) of the records not folded for good
+        # The records not folded for good, as sorted times per status: those of the state's round,
+        # which an aggregate stamped with that round holds already, and the later ones.
+        self._current, self._later = ([[] for _ in range(STATUSES)] for _ in range(2))
         for record in log:
             if not record["_id"].startswith("c:"):
                 continue  # the state, an intent, a lease
-            self._pending.append((state["round"] if record["_id"] in in_round else math.inf,
-                                  *_decode_entries(record["entries"])))
-        counts = [0] * STATUSES
-        first_second, last_second = -(-low_ms // 1000), high_ms // 1000
-        if first_second > last_second:  # both bounds inside one second
-            self._add_detail(counts, low_ms, high_ms)
-        else:
-            if low_ms < first_second * 1000:
-                self._add_detail(counts, low_ms, first_second * 1000)
-            for level, bucket, low, high in _pieces(first_second, last_second):
-                self._add_piece(counts, level, bucket, low, high)
-            if last_second * 1000 < high_ms:
-                self._add_detail(counts, last_second * 1000, high_ms)
+            by_status = self._current if record["_id"] in in_round else self._later
+            for ms, status in zip(*_decode_entries(record["entries"])):
+                by_status[status].append(ms)
+        for times in (*self._current, *self._later):
+            times.sort()
+        plans = [_plan(low, high) for low, high in ranges]
+        self._fetch({(step[1], step[2]) if step[0] == "piece" else (0, step[1] // 1000 // HOUR)
+                     for plan in plans for step in plan})
+        answers = []
+        for plan in plans:
+            counts = [0] * STATUSES
+            for step in plan:
+                if step[0] == "piece":
+                    self._add_piece(counts, *step[1:])
+                else:
+                    self._add_detail(counts, *step[1:])
+            answers.append(counts)
         # A round that began after the state was read shows as an aggregate stamped with it, or as a
         # fragment the hour document names gone: only then can an answer mix two rounds.
-        if self._stale or any(document["round"] > state["round"] for document in self._documents.values()):
+        if self._stale or any(document["round"] > self._round for document in self._documents.values()):
             return None
-        return counts
+        return answers
 
-    def _aggregate(self, level, bucket):
-        key = (level, bucket)
-        if key not in self._documents:
-            self._documents[key] = (_home(self._raw, level, bucket).find_one({"_id": _aggregate_id(level, bucket)})
-                                    or {"round": 0, "parts": ""})
-        return self._documents[key]
+    def _fetch(self, keys):
+        """The aggregates of `keys` ((level, bucket)): one query per collection."""
+        by_home = collections.defaultdict(dict)
+        for level, bucket in keys:
+            by_home[_home(self._raw, level, bucket).name][_aggregate_id(level, bucket)] = (level, bucket)
+        for name, ids in by_home.items():
+            home = self._raw.database[name]
+            # One _id is looked up from SQL on FerretDB; several cost one pass over the collection.
+            found = ([home.find_one({"_id": next(iter(ids))})] if len(ids) == 1
+                     else list(home.find({"_id": {"$in": list(ids)}})))
+            for document in found:
+                if document is not None:
+                    self._documents[ids[document["_id"]]] = document
+            for key in ids.values():
+                self._documents.setdefault(key, {"round": 0, "parts": ""})
 
     def _add_pending(self, counts, since_round, low_ms, high_ms):
-        for number, times, statuses in self._pending:
-            if number > since_round:
-                for index in range(bisect.bisect_left(times, low_ms), bisect.bisect_left(times, high_ms)):
-                    counts[statuses[index]] += 1
+        for by_status in (self._later, self._current) if since_round < self._round else (self._later,):
+            for status, times in enumerate(by_status):
+                counts[status] += bisect.bisect_left(times, high_ms) - bisect.bisect_left(times, low_ms)
 
     def _add_piece(self, counts, level, bucket, low, high):
         """Whole seconds [low, high) inside one bucket of `level`."""
-        document = self._aggregate(level, bucket)
+        document = self._documents[(level, bucket)]
         child_size = LEVELS[level - 1] if level > 0 else 1
         base = bucket * LEVELS[level] if level < TOP else 0
         first, last = (low - base) // child_size, (high - base) // child_size
@@ -773,7 +845,7 @@ class _Snapshot:
         """Milliseconds [low_ms, high_ms) inside one second, from its hour's fragments."""
         second = low_ms // 1000
         hour = second // HOUR
-        document = self._aggregate(0, hour)
+        document = self._documents[(0, hour)]
         home = _fragments_home(self._raw, hour)
         low, high = low_ms - second * 1000, high_ms - second * 1000
         for tag in _decode_fragments(document.get("fragments", "")).get(second - hour * HOUR, ()):

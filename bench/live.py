@@ -47,6 +47,7 @@ from server import StatusServer  # noqa: E402
 
 KINDS = {"5 minutes": timedelta(minutes=5), "1 hour": timedelta(hours=1), "24 hours": timedelta(hours=24),
          "7 days": timedelta(days=7), "30 days": timedelta(days=30)}
+SERIES = {"series: 24 hours by 1m": (timedelta(hours=24), "1m"), "series: 30 days by 1h": (timedelta(days=30), "1h")}
 
 
 def iso(moment):
@@ -109,9 +110,11 @@ class Publisher(threading.Thread):
         self.join(120)
 
 
-def ask(port, start, end):
-    """(ms, answer) of one GET /status-count."""
+def ask(port, start, end, step=None):
+    """(ms, answer) of one GET /status-count, or /status-series with `step`."""
     url = f"http://127.0.0.1:{port}/status-count?start={iso(start)}&end={iso(end)}"
+    if step:
+        url = url.replace("/status-count", "/status-series") + f"&step={step}"
     began = time.perf_counter()
     with urllib.request.urlopen(url, timeout=60) as response:
         answer = json.load(response)
@@ -119,21 +122,24 @@ def ask(port, start, end):
 
 
 class QueryLoop(threading.Thread):
-    """Ranges that end at now, in turn, `per_second` a second (0: back to back)."""
+    """Ranges that end at now, in turn (and series too, with `series`), `per_second` a
+    second (0: back to back)."""
 
-    def __init__(self, port, per_second=0):
+    def __init__(self, port, per_second=0, series=False):
         super().__init__(daemon=True)
         self.port, self.per_second = port, per_second
-        self.latencies = {kind: [] for kind in KINDS}
+        self.kinds = {**{kind: (length, None) for kind, length in KINDS.items()}, **(SERIES if series else {})}
+        self.latencies = {kind: [] for kind in self.kinds}
         self.stopping = threading.Event()
 
     def run(self):
-        kinds = list(KINDS)
+        kinds = list(self.kinds)
         started, asked = time.perf_counter(), 0
         while not self.stopping.is_set():
             kind = kinds[asked % len(kinds)]
             end = datetime.now(timezone.utc)
-            elapsed, _ = ask(self.port, end - KINDS[kind], end)
+            length, step = self.kinds[kind]
+            elapsed, _ = ask(self.port, end - length, end, step)
             self.latencies[kind].append(elapsed)
             asked += 1
             if self.per_second:
@@ -210,7 +216,7 @@ def main():
                     raise SystemExit("api.py did not answer")
                 time.sleep(0.2)
 
-        publisher, queries = Publisher(args.rate, random.Random(12)), QueryLoop(port)
+        publisher, queries = Publisher(args.rate, random.Random(12)), QueryLoop(port, series=True)
         publisher.start()
         queries.start()
         time.sleep(args.seconds)
@@ -240,11 +246,17 @@ def main():
         ranges = [(now - length, now) for length in KINDS.values()]
         ranges += [(now - timedelta(milliseconds=rng.randrange(40 * 86_400_000)),) for _ in range(20)]
         ranges = [r if len(r) == 2 else (r[0], r[0] + timedelta(milliseconds=rng.randrange(3 * 86_400_000))) for r in ranges]
+        _, series = ask(port, now - timedelta(hours=24), now, "1h")  # and each bucket of a series
+        buckets = {tuple(datetime.fromisoformat(bucket[edge].replace("Z", "+00:00")) for edge in ("start", "end")): bucket
+                   for bucket in series["buckets"]}
+        ranges += list(buckets)
         stored, expected = one_pass(collection, ranges)
         if stored != total:
             raise SystemExit(f"the collection holds {stored} documents, not {total}")
         for (start, end), want in zip(ranges, expected):
             _, answer = ask(port, start, end)
+            if (start, end) in buckets:
+                answer = buckets[start, end]
             got = [answer["counts"][str(status)] for status in range(counts.STATUSES)]
             if got != want:
                 raise SystemExit(f"wrong answer for {iso(start)}..{iso(end)}: {got} != {want} (raw documents)")
@@ -259,7 +271,7 @@ def main():
         else:
             ingest.remove_run(mongo)
 
-    every = [value for values in queries.latencies.values() for value in values]
+    every = [value for kind in KINDS for value in queries.latencies[kind]]
     result = {
         "machine": {"cores": os.cpu_count(), "store": store_name(mongo)},
         "messages": args.messages, "days": args.days, "publish_seconds": round(published_seconds),

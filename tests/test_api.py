@@ -1,4 +1,4 @@
-"""GET /status-count and /health over a fresh real database per test."""
+"""GET /status-count, /status-series and /health over a fresh real database per test."""
 
 import uuid
 from datetime import datetime, timezone
@@ -194,6 +194,58 @@ def test_invalid_request_is_400_naming_the_parameter(client, query, parameter):
     assert parameter in response.get_json()["error"]
 
 
+def test_series_has_every_aligned_bucket_with_zeros_and_each_equals_status_count(app, client):
+    store(app, (1, utc(2026, 11, 27, 10, 0, 0, 5000)), (1, utc(2026, 11, 27, 10, 4, 59, 999000)),
+          (6, utc(2026, 11, 27, 10, 5)), (3, utc(2026, 11, 27, 10, 17, 30)), (0, utc(2026, 11, 27, 10, 20)))
+    response = client.get("/status-series?start=2026-11-27T10:00:00.002Z&end=2026-11-27T10:20:00Z&step=5m")
+    assert response.status_code == 200
+    answer = response.get_json()
+    assert (answer["start"], answer["end"], answer["step"]) == ("2026-11-27T10:00:00.002Z", "2026-11-27T10:20:00Z", "5m")
+    assert [(b["start"], b["end"], b["total"]) for b in answer["buckets"]] == [
+        ("2026-11-27T10:00:00.002Z", "2026-11-27T10:05:00Z", 2), ("2026-11-27T10:05:00Z", "2026-11-27T10:10:00Z", 1),
+        ("2026-11-27T10:10:00Z", "2026-11-27T10:15:00Z", 0), ("2026-11-27T10:15:00Z", "2026-11-27T10:20:00Z", 1)]
+    assert answer["buckets"][2]["counts"] == counts()
+    for bucket in answer["buckets"]:
+        single = client.get(f"/status-count?start={bucket['start']}&end={bucket['end']}").get_json()
+        assert (bucket["counts"], bucket["total"]) == (single["counts"], single["total"])
+
+
+@pytest.mark.parametrize("step, seconds", [("1m", 60), ("15m", 900), ("1h", 3600), ("6h", 21600), ("1d", 86400)])
+def test_series_buckets_are_aligned_to_utc(app, client, step, seconds):
+    store(app, *[(hour % 7, utc(2026, 11, 26, hour, hour)) for hour in range(24)])
+    answer = client.get(f"/status-series?start=2026-11-26T00:00:00Z&end=2026-11-27T00:00:00Z&step={step}").get_json()
+    assert len(answer["buckets"]) == 86400 // seconds
+    assert sum(bucket["total"] for bucket in answer["buckets"]) == 24
+    assert answer["buckets"][-1]["start"] == datetime.fromtimestamp(
+        utc(2026, 11, 27).timestamp() - seconds, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def test_series_of_an_empty_range_has_no_buckets(client):
+    answer = client.get("/status-series?start=2026-11-27T10:00:00Z&end=2026-11-27T10:00:00Z&step=1h").get_json()
+    assert answer["buckets"] == []
+
+
+@pytest.mark.parametrize("query, parameter", [
+    ("start=2026-11-27&end=2026-11-28", "step"),
+    ("start=2026-11-27&end=2026-11-28&step=", "step"),
+    ("start=2026-11-27&end=2026-11-28&step=2m", "step"),
+    ("start=2026-11-27&end=2026-11-28&step=60", "step"),
+    ("start=2026-11-27&end=2026-11-28&step=1H", "step"),
+    ("start=2026-11-27&end=2026-11-28&step=1h&step=1d", "step"),
+    ("start=2026-11-27&end=2026-11-28&step=" + "1" * 5000, "step"),
+    ("start=2026-11-01&end=2026-11-28&step=1m", "step"),  # 38,880 buckets
+    ("start=2000-01-01&end=2026-11-28&step=1d", "step"),  # 9,828 buckets
+    ("start=2026-11-28&end=2026-11-27&step=1h", "start"),
+    ("start=yesterday&end=2026-11-27&step=1h", "start"),
+    ("start=2026-11-27&end=2026-11-28T25:00:00&step=1h", "end"),
+    ("end=2026-11-28&step=1h", "start"),
+])
+def test_invalid_series_request_is_400_naming_the_parameter(client, query, parameter):
+    response = client.get(f"/status-series?{query}")
+    assert response.status_code == 400 and response.is_json
+    assert f"'{parameter}'" in response.get_json()["error"] or f"{parameter} (" in response.get_json()["error"]
+
+
 def test_health_answers_200_when_mongodb_answers(client):
     assert client.get("/health").status_code == 200
 
@@ -205,6 +257,7 @@ def test_unreachable_database_is_503_not_500():
     response = client.get("/status-count?start=2026-11-27&end=2026-11-28")
     assert response.status_code == 503 and "unavailable" in response.get_json()["error"]
     assert client.get("/status-count?start=x&end=y").status_code == 400
+    assert client.get("/status-series?start=2026-11-27&end=2026-11-28&step=1h").status_code == 503
 
 
 def test_unknown_route_and_method_answer_json(client):

@@ -149,6 +149,41 @@ def test_counts_equal_raw_counts_through_crashes_redeliveries_and_folders_cut_sh
         check(collection, low, high)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(messages=st.lists(st.tuples(st.integers(0, 6), offsets_ms), max_size=60), merges=st.integers(0, 12),
+       bounds=ranges, step=st.sampled_from([1, 60, 300, 900, 3600, 21600, 86400]))
+def test_series_buckets_are_aligned_contiguous_and_exact(database, messages, merges, bounds, step):
+    """Half the messages folded (by a folder that may die mid-round), half only recorded:
+    every bucket of a series equals the messages inside its own bounds."""
+    collection = database[f"status_{uuid.uuid4().hex[:8]}"]
+    documents = [{"_id": f"m{index}", "status": status, "timestamp": moment(offset)}
+                 for index, (status, offset) in enumerate(messages)]
+    writer = counts.BatchWriter(collection)
+    if documents[::2]:
+        writer.write(documents[::2])
+    try:
+        FolderCutShort(collection, merges).fold_once()
+    except Crash:
+        pass
+    if documents[1::2]:
+        writer.write(documents[1::2])
+    low, high = bounds[0], min(bounds[1], bounds[0] + 400 * step * 1000)
+    buckets = counts.series(collection, moment(low), moment(high), step)
+    base = counts.epoch_ms(BASE)
+    edges = [low + base] + [bucket_high for _, bucket_high, _ in buckets]
+    assert [bucket_low for bucket_low, _, _ in buckets] == edges[:-1]
+    assert edges[-1] == (high + base if low < high else low + base)
+    for bucket_low, bucket_high, answer in buckets:
+        assert bucket_low < bucket_high
+        assert bucket_low == low + base or bucket_low % (step * 1000) == 0  # aligned, but the first
+        assert bucket_high - bucket_low <= step * 1000
+        expected = [0] * counts.STATUSES
+        for document in documents:
+            if bucket_low <= counts.epoch_ms(document["timestamp"]) < bucket_high:
+                expected[document["status"]] += 1
+        assert answer == expected, (bucket_low, bucket_high)
+
+
 def test_readers_racing_writers_and_the_folder_see_every_acknowledged_message(database):
     """Two writer threads, a folder thread and a reader thread at once: every answer holds at
     least what was acknowledged before the read began and at most what was written before it
