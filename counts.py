@@ -10,7 +10,7 @@ Three roles, one per class:
 
 Layout, for raw collection `status` (`<c>` below); the number of collections is fixed
 but for two per day of data:
-- `<c>_counts_log`: per batch an intent `{_id: "i:<batch>", owner}`, inserted before
+- `<c>_counts_log`: per batch an intent `{_id: "i:<batch>", owner[, abandoned]}`, inserted before
   the raw insert, and a record `{_id: "c:<batch>", entries}` of the documents the batch
   created (their millisecond times and statuses), inserted after it; `{_id: "state",
   round, records}`, the folder's current round; `lease:<slot>` documents that elect the
@@ -42,7 +42,8 @@ Why every answer is exact once the batches in flight are acknowledged:
    folder closes it with a record of the raw documents stamped with its id (a read of the
    raw collection: rare, and off the request and ingest paths), once the intent has been
    open for RECOVER_AFTER_SECONDS, or for DEAD_OWNER_GRACE_SECONDS after its owner is
-   seen gone on this machine (a write a dead process sent may still be landing). A
+   seen gone on this machine or names it given up in a later intent (a write a dead
+   process sent, or one its writer stopped waiting for, may still be landing). A
    record's _id is unique, so of a late owner and the folder only one record lands. A
    batch that met duplicates (documents some earlier batch created) waits, before it is
    acknowledged, until every intent open at that moment is closed: the batch that created
@@ -320,24 +321,41 @@ class BatchWriter:
         self._fault_hook = fault_hook or (lambda point, detail=None: None)
         self._log = _collections(collection)[0]
         self._wait_seconds = wait_seconds
+        self._abandoned = {}  # batch -> when a write of this process gave it up (monotonic)
+        self._abandoned_lock = threading.Lock()
 
     def write(self, documents):
         batch = uuid.uuid4().hex[:16]
-        with pymongo.timeout(self._timeout_seconds):
-            self._log.insert_one({"_id": f"i:{batch}", "owner": OWNER})
-            for document in documents:
-                document["batch"] = batch
-            refused, duplicates = self._insert(documents)
-            self._fault_hook("after-raw-insert")
-            created = sorted((epoch_ms(document["timestamp"]), document["status"])
-                             for index, document in enumerate(documents) if index not in refused and index not in duplicates)
-            try:
-                self._log.insert_one({"_id": f"c:{batch}", "entries": _encode_entries(created)})
-            except DuplicateKeyError:
-                pass  # the folder took this batch for dead and recorded what it stamped: the same documents
+        try:
+            with pymongo.timeout(self._timeout_seconds):
+                self._log.insert_one({"_id": f"i:{batch}", "owner": OWNER, **self._abandoned_before()})
+                for document in documents:
+                    document["batch"] = batch
+                refused, duplicates = self._insert(documents)
+                self._fault_hook("after-raw-insert")
+                created = sorted((epoch_ms(document["timestamp"]), document["status"])
+                                 for index, document in enumerate(documents) if index not in refused and index not in duplicates)
+                try:
+                    self._log.insert_one({"_id": f"c:{batch}", "entries": _encode_entries(created)})
+                except DuplicateKeyError:
+                    pass  # the folder took this batch for dead and recorded what it stamped: the same documents
+        except PyMongoError:
+            with self._abandoned_lock:
+                self._abandoned[batch] = time.monotonic()
+            raise
         if duplicates:
             self._wait_for_open_intents(batch)
         return refused
+
+    def _abandoned_before(self):
+        """{"abandoned": [batch]}: the batches this process gave up on, named in the next intents
+        so that the folder recovers them soon (their writer lives, so they would wait for
+        RECOVER_AFTER_SECONDS; the retry that meets their documents waits for that recovery)."""
+        with self._abandoned_lock:
+            now = time.monotonic()
+            self._abandoned = {batch: since for batch, since in self._abandoned.items()
+                               if now - since < RECOVER_AFTER_SECONDS}
+            return {"abandoned": sorted(self._abandoned)} if self._abandoned else {}
 
     def _insert(self, documents):
         """({index: reason} refused, {index} duplicates) of one unordered insert.
@@ -434,6 +452,7 @@ class Folder:
         self._quiet_until = float("-inf")  # on self._clock: no aggregate write before
         self._open_since = {}  # batch -> when this folder first saw its intent open (monotonic)
         self._recovery = None  # the thread recovering interrupted batches, in run()
+        self._abandoned = set()  # open batches that their writer named given up
         self._superseded = []  # (collection, [fragment ids]) merged by the last round
         # The aggregates this folder wrote while it held the lease without a break: only it writes
         # them then, so a round need not read them again (the newest CACHED, as hours are big).
@@ -646,12 +665,16 @@ class Folder:
         """The batches whose intent has been open long enough to be recovered."""
         now = time.monotonic()
         owners = {record["_id"][2:]: record.get("owner") for record in log if record["_id"].startswith("i:")}
+        named = {batch for record in log if record["_id"].startswith("i:") for batch in record.get("abandoned", ())}
         open_now = _open_intents(self._log, log)
         self._open_since = {batch: self._open_since.get(batch, now) for batch in open_now}
+        # Remembered: the intent that names a batch given up is deleted once its own batch is folded.
+        self._abandoned = (self._abandoned | named) & open_now
         # Aged on this folder's clock: a writer's clock may be off, and a write its process sent
         # before it died may still be landing.
         stale = [batch for batch in open_now if now - self._open_since[batch] >= self._recover_after
-                 or _owner_is_dead(owners[batch]) and now - self._open_since[batch] >= self._dead_owner_grace]
+                 or (batch in self._abandoned or _owner_is_dead(owners[batch]))
+                 and now - self._open_since[batch] >= self._dead_owner_grace]
         return stale
 
     def _recover(self, stale):

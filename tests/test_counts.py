@@ -238,6 +238,38 @@ def test_readers_racing_writers_and_the_folder_see_every_acknowledged_message(da
     assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end) == acknowledged
 
 
+def test_a_write_given_up_on_is_recovered_soon_once_the_retry_names_it(database):
+    """A write that times out after its raw insert leaves an open intent whose writer lives on:
+    the retry meets those documents and waits for their recovery, which must not wait for
+    RECOVER_AFTER_SECONDS (an hour here) since the retry's intent names the batch given up."""
+    collection = database["status"]
+    documents = [{"_id": f"m{index}", "status": index % 7, "timestamp": BASE + timedelta(seconds=index)}
+                 for index in range(50)]
+    failures = iter([pymongo.errors.ExecutionTimeout("operation exceeded time limit")])
+
+    def time_out_once_after_the_raw_insert(point, detail=None):
+        if point == "after-raw-insert":
+            error = next(failures, None)
+            if error:
+                raise error
+
+    writer = counts.BatchWriter(collection, fault_hook=time_out_once_after_the_raw_insert)
+    with pytest.raises(pymongo.errors.ExecutionTimeout):
+        writer.write([dict(document) for document in documents])
+    stopping = threading.Event()
+    folder = threading.Thread(target=counts.Folder(collection, recover_after=3600, dead_owner_grace=0.5).run,
+                              args=(stopping,))
+    folder.start()
+    retry = threading.Thread(target=writer.write, args=([dict(document) for document in documents],))
+    retry.start()
+    retry.join(60)
+    stopping.set()
+    folder.join(30)
+    assert not retry.is_alive(), "the retry still waits for the recovery of the batch given up"
+    start, end = BASE - timedelta(hours=1), BASE + timedelta(hours=1)
+    assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end) == [8, 7, 7, 7, 7, 7, 7]
+
+
 class CommandLog(monitoring.CommandListener):
     def __init__(self):
         self.commands = []
