@@ -451,8 +451,10 @@ class Folder:
         self._slots = set()  # lease slots this folder holds
         self._quiet_until = float("-inf")  # on self._clock: no aggregate write before
         self._open_since = {}  # batch -> when this folder first saw its intent open (monotonic)
-        self._recovery = None  # the thread recovering interrupted batches, in run()
-        self._abandoned = set()  # open batches that their writer named given up
+        self._recovery = None  # the thread reading the raw documents of interrupted batches, in run()
+        self._found = {}  # batch -> [(ms, status)] that thread found, recorded by the next round
+        self._found_lock = threading.Lock()
+        self._ended_since = {}  # open batch -> when seen its writer dead or named given up (monotonic)
         self._superseded = []  # (collection, [fragment ids]) merged by the last round
         # The aggregates this folder wrote while it held the lease without a break: only it writes
         # them then, so a round need not read them again (the newest CACHED, as hours are big).
@@ -526,17 +528,22 @@ class Folder:
 
     def fold_once(self, recover_beside=False):
         """One round: True when it folded something, False otherwise. Interrupted batches due
-        for recovery are recovered first, or with `recover_beside` in a thread started now."""
+        for recovery are first looked for in the raw collection, or with `recover_beside` in a
+        thread started now, whose findings a later round records."""
         with pymongo.timeout(STEP_SECONDS):
             if not self._holds_lease():
                 return False
             log = list(self._log.find({}))
-        # Recovery inserts records only, each once: safe before the quiet time ends, and beside a round.
-        stale = self._due_for_recovery(log)
+        recorded = self._record_recovered(log)
+        with self._found_lock:
+            stale = [batch for batch in self._due_for_recovery(log) if batch not in recorded and batch not in self._found]
         if stale and not recover_beside:
-            self._recover(stale)
+            self._add_found(self._find_stamped(stale))
+            with pymongo.timeout(STEP_SECONDS):  # the read may have taken minutes: what is open now
+                log = list(self._log.find({}))
+            self._record_recovered(log)
         elif stale and not (self._recovery and self._recovery.is_alive()):
-            self._recovery = threading.Thread(target=self._recover_logging_failure, args=(stale,),
+            self._recovery = threading.Thread(target=self._find_stamped_beside, args=(stale,),
                                               name="counts-recovery", daemon=True)
             self._recovery.start()
         if not self._still_holds():
@@ -654,12 +661,12 @@ class Folder:
         self._superseded.append((home.name, [f"f:{hour}:{tag}" for tag in tags]))
         return {offset: [merged] for offset in fragments}
 
-    def _recover_logging_failure(self, stale):
+    def _find_stamped_beside(self, stale):
         try:
-            self._recover(stale)
+            self._add_found(self._find_stamped(stale))
         except Exception as error:  # noqa: BLE001 - a later round starts it again
-            LOG.warning("counts: recovering %d interrupted batches failed (%s); retrying", len(stale), error,
-                        exc_info=not isinstance(error, PyMongoError))
+            LOG.warning("counts: reading the raw documents of %d interrupted batches failed (%s); retrying",
+                        len(stale), error, exc_info=not isinstance(error, PyMongoError))
 
     def _due_for_recovery(self, log):
         """The batches whose intent has been open long enough to be recovered."""
@@ -668,30 +675,50 @@ class Folder:
         named = {batch for record in log if record["_id"].startswith("i:") for batch in record.get("abandoned", ())}
         open_now = _open_intents(self._log, log)
         self._open_since = {batch: self._open_since.get(batch, now) for batch in open_now}
-        # Remembered: the intent that names a batch given up is deleted once its own batch is folded.
-        self._abandoned = (self._abandoned | named) & open_now
-        # Aged on this folder's clock: a writer's clock may be off, and a write its process sent
-        # before it died may still be landing.
-        stale = [batch for batch in open_now if now - self._open_since[batch] >= self._recover_after
-                 or (batch in self._abandoned or _owner_is_dead(owners[batch]))
-                 and now - self._open_since[batch] >= self._dead_owner_grace]
-        return stale
+        # Since when this folder knows the batch's writer gone or given up: remembered, as the
+        # intent that names a batch given up is deleted once its own batch is folded.
+        self._ended_since = {batch: self._ended_since.get(batch, now) for batch in open_now
+                             if batch in self._ended_since or batch in named or _owner_is_dead(owners[batch])}
+        # Aged on this folder's clock: a writer's clock may be off, and a write sent by a process
+        # that died, or given up on by its writer, may still be landing.
+        return [batch for batch in open_now if now - self._open_since[batch] >= self._recover_after
+                or batch in self._ended_since and now - self._ended_since[batch] >= self._dead_owner_grace]
 
-    def _recover(self, stale):
-        """Close the intents whose batch died before its record, from the raw documents it stamped."""
+    def _find_stamped(self, stale):
+        """{batch: sorted [(ms, status)]} of the raw documents each interrupted batch stamped."""
         started = time.monotonic()
         created = {batch: [] for batch in stale}
         with pymongo.timeout(RECOVERY_SECONDS):
             for document in self._raw.find({"batch": {"$in": stale}}, {"timestamp": 1, "status": 1, "batch": 1}):
                 created[document["batch"]].append((epoch_ms(document["timestamp"]), document["status"]))
-        for batch, entries in created.items():
+        LOG.warning("read the documents of %d interrupted batches (%d documents) from the raw collection in %.1fs",
+                    len(stale), sum(map(len, created.values())), time.monotonic() - started)
+        return {batch: sorted(entries) for batch, entries in created.items()}
+
+    def _add_found(self, found):
+        with self._found_lock:
+            self._found.update(found)
+
+    def _record_recovered(self, log):
+        """Record what the raw documents showed for the interrupted batches still open in `log`;
+        the set of batches handled. Only here, on the folding thread, holding the lease, right
+        after reading the log: a record folded and deleted since a read began must not come back."""
+        with self._found_lock:
+            found, self._found = self._found, {}
+        if not found or not self._still_holds():
+            self._add_found(found)
+            return set()
+        open_now = _open_intents(self._log, log)
+        for batch, entries in found.items():
+            if batch not in open_now:
+                continue  # its owner wrote the record after all, or it was recovered and folded
             try:
                 with pymongo.timeout(STEP_SECONDS):
-                    self._log.insert_one({"_id": f"c:{batch}", "entries": _encode_entries(sorted(entries)), "recovered": True})
+                    self._log.insert_one({"_id": f"c:{batch}", "entries": _encode_entries(entries), "recovered": True})
             except DuplicateKeyError:
                 pass  # its owner wrote it after all
-        LOG.warning("recovered the counts of %d interrupted batches (%d documents) from the raw collection in %.1fs",
-                    len(stale), sum(map(len, created.values())), time.monotonic() - started)
+            LOG.warning("recovered the counts of interrupted batch %s (%d documents)", batch, len(entries))
+        return set(found)
 
 
 class _LeaseLost(Exception):
@@ -717,7 +744,8 @@ def count(collection, start, end):
     `start` and `end` are aware datetimes; stored times are whole milliseconds, so a bound
     with finer digits must be rounded up to the next millisecond by the caller. Raises
     PyMongoError when the store does not answer."""
-    return _read(collection, [(_bound_ms(start), _bound_ms(end))])[0]
+    low, high = _bound_ms(start), _bound_ms(end)
+    return _read(collection, [(low, high)])[0] if low < high else [0] * STATUSES
 
 
 def series(collection, start, end, step_seconds):

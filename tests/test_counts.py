@@ -270,6 +270,37 @@ def test_a_write_given_up_on_is_recovered_soon_once_the_retry_names_it(database)
     assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end) == [8, 7, 7, 7, 7, 7, 7]
 
 
+def test_a_late_finding_of_the_recovery_thread_is_not_recorded_twice(database):
+    """The raw read of a recovery runs beside the rounds, for minutes on FerretDB: by the time it
+    ends, the batch may have been recovered and folded already (by an earlier read, or another
+    folder). Its finding must then be dropped, not recorded again."""
+    collection = database["status"]
+    documents = [{"_id": f"m{index}", "status": index % 7, "timestamp": BASE + timedelta(seconds=index)}
+                 for index in range(30)]
+
+    def crash_after_raw_insert(point, detail=None):
+        if point == "after-raw-insert":
+            raise Crash()
+
+    with pytest.raises(Crash):
+        counts.BatchWriter(collection, fault_hook=crash_after_raw_insert).write(documents)
+    batch = next(d["_id"][2:] for d in database["status_counts_log"].find() if d["_id"].startswith("i:"))
+    folder = counts.Folder(collection, recover_after=0)
+    late = folder._find_stamped([batch])  # a read that will end late
+    assert len(late[batch]) == 30
+    for _ in range(3):  # reads again and records; then folds and deletes the record and its intent
+        folder.fold_once()
+    assert database["status_counts_log"].count_documents({"_id": {"$in": [f"i:{batch}", f"c:{batch}"]}}) == 0
+    counts.BatchWriter(collection).write([{"_id": "later", "status": 6, "timestamp": BASE}])
+    for _ in range(2):  # a round after the one that folded the recovered record
+        folder.fold_once()
+    folder._add_found(late)  # the late read hands its finding in now
+    while folder.fold_once():
+        pass
+    start, end = BASE - timedelta(hours=1), BASE + timedelta(hours=1)
+    assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end) == [5, 5, 4, 4, 4, 4, 5]
+
+
 class CommandLog(monitoring.CommandListener):
     def __init__(self):
         self.commands = []
