@@ -102,15 +102,16 @@ class AmqpPublisher:
             self._delay = min(self._delay * 2, 30.0)
 
     def stop(self, *_):
+        """Publish nothing more; finish once every message published is confirmed. Safe from a
+        signal handler or another thread: it only sets a flag and wakes the ioloop."""
         if not self._stopping:
             LOG.info("stopping: waiting for %d confirms", len(self._unconfirmed))
         self._stopping = True
-        self._remaining = 0
         if self._connection and self._connection.is_open:
             self._connection.ioloop.add_callback_threadsafe(self._close_when_finished)
 
     def _finished(self):
-        return self._remaining == 0 and not self._unconfirmed and not self._to_resend
+        return (self._remaining == 0 or self._stopping) and not self._unconfirmed and not self._to_resend
 
     @staticmethod
     def _random_messages(device_id):
@@ -162,6 +163,7 @@ class AmqpPublisher:
         self._down_since = None
         self._next_tag = 1
         self._next_due = time.monotonic()
+        self._scheduled = False  # a timer of the connection before died with its ioloop
         self._publish_more()
 
     def _on_channel_closed(self, channel, reason):
@@ -181,8 +183,9 @@ class AmqpPublisher:
 
     # -- publishing ---------------------------------------------------------------
 
-    def _publish_more(self):
-        self._scheduled = False
+    def _publish_more(self, from_timer=False):
+        if from_timer:
+            self._scheduled = False
         if self._channel is None or not self._channel.is_open:
             return
         while len(self._unconfirmed) < self._window:
@@ -200,9 +203,12 @@ class AmqpPublisher:
             else:
                 break
             self._publish(message)
-        if self._interval > 0 and self._remaining != 0 and not self._stopping and not self._scheduled:
+        # A full window waits for confirms (which call this again), not for a timer.
+        if (self._interval > 0 and self._remaining != 0 and not self._stopping and not self._scheduled
+                and len(self._unconfirmed) < self._window):
             self._scheduled = True
-            self._connection.ioloop.call_later(max(0.0, self._next_due - time.monotonic()), self._publish_more)
+            self._connection.ioloop.call_later(max(0.0, self._next_due - time.monotonic()),
+                                               lambda: self._publish_more(from_timer=True))
         self._close_when_finished()
 
     def _publish(self, message):
@@ -239,9 +245,7 @@ class AmqpPublisher:
                 self.confirmed += 1
                 self._delay = 1.0  # a healthy connection resets the backoff
                 LOG.info("confirmed status=%d message_id=%s", status, message_id)
-        if self._interval == 0 or self._to_resend:
-            self._publish_more()
-        self._close_when_finished()
+        self._publish_more()
 
     def _close_when_finished(self):
         if self._finished() and self._connection.is_open:
