@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -170,6 +171,25 @@ def one_pass(collection, ranges):
     return sum(map(len, times)), answers
 
 
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def clean_up(api, server, mongo, keep):
+    """Stops api.py and server.py; deletes this run's queues, exchanges and database unless `keep`."""
+    if api:
+        api.terminate()
+        api.wait(30)
+    if server:
+        server.stop()
+    if keep:
+        print(f"kept: database {config.MONGO_DB}, queue {config.QUEUE}")
+    else:
+        ingest.remove_run(mongo)
+
+
 def percentile(values, fraction):
     values = sorted(values)
     return values[min(len(values) - 1, int(len(values) * fraction))]
@@ -191,7 +211,7 @@ def main():
     rng = random.Random(11)
     mongo = pymongo.MongoClient(config.MONGO_URI, tz_aware=True)
     collection = mongo[config.MONGO_DB][config.MONGO_COLLECTION]
-    port = 20000 + rng.randrange(20000)
+    port = free_port()  # another run's api.py may hold any fixed one
     api = server = None
     try:
         began = time.perf_counter()
@@ -261,15 +281,7 @@ def main():
             if got != want:
                 raise SystemExit(f"wrong answer for {iso(start)}..{iso(end)}: {got} != {want} (raw documents)")
     finally:
-        if api:
-            api.terminate()
-            api.wait(30)
-        if server:
-            server.stop()
-        if args.keep:
-            print(f"kept: database {config.MONGO_DB}, queue {config.QUEUE}")
-        else:
-            ingest.remove_run(mongo)
+        clean_up(api, server, mongo, args.keep)
 
     every = [value for kind in KINDS for value in queries.latencies[kind]]
     result = {
