@@ -494,12 +494,13 @@ class Folder:
         self._slots = {held for held in self._slots if held >= slot}
         return slot in self._slots
 
-    def _still_holds(self):
+    def _still_holds(self, quiet_or_not=False):
         """Writing is allowed within a held slot, but for its last second unless the next is held too
-        (a write in flight, and clocks that disagree a little, must not reach another folder's slot)."""
+        (a write in flight, and clocks that disagree a little, must not reach another folder's slot);
+        aggregates only once the quiet time has passed, records (`quiet_or_not`) before."""
         now = self._clock()
         slot = int(now // LEASE_SECONDS)
-        return (now >= self._quiet_until and slot in self._slots
+        return ((quiet_or_not or now >= self._quiet_until) and slot in self._slots
                 and (now < (slot + 1) * LEASE_SECONDS - 1 or slot + 1 in self._slots))
 
     # rounds -----------------------------------------------------------------
@@ -701,11 +702,13 @@ class Folder:
 
     def _record_recovered(self, log):
         """Record what the raw documents showed for the interrupted batches still open in `log`;
-        the set of batches handled. Only here, on the folding thread, holding the lease, right
-        after reading the log: a record folded and deleted since a read began must not come back."""
+        the set of batches handled. Only here, on the folding thread, holding the lease (its quiet
+        time may still run), right after reading the log: a record folded and deleted since a read
+        began must not come back. A round deletes a batch's intent before its record, so a log
+        that shows the intent without the record shows a batch never folded."""
         with self._found_lock:
             found, self._found = self._found, {}
-        if not found or not self._still_holds():
+        if not found or not self._still_holds(quiet_or_not=True):
             self._add_found(found)
             return set()
         open_now = _open_intents(self._log, log)
