@@ -177,6 +177,23 @@ def free_port():
         return probe.getsockname()[1]
 
 
+def start_api(log_name):
+    """(process, port) of api.py on a free port (another run's api.py may hold any fixed one),
+    once it answers /health."""
+    port = free_port()
+    api = subprocess.Popen([sys.executable, str(ROOT / "api.py")], cwd=ROOT, env=dict(os.environ, API_PORT=str(port)),
+                           stdout=open(ROOT / "bench/results" / log_name, "wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while api.poll() is None and time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+            return api, port
+        except OSError:
+            time.sleep(0.2)
+    api.kill()
+    raise SystemExit(f"api.py did not answer; see bench/results/{log_name}")
+
+
 def clean_up(api, server, mongo, keep):
     """Stops api.py and server.py; deletes this run's queues, exchanges and database unless `keep`."""
     if api:
@@ -211,7 +228,6 @@ def main():
     rng = random.Random(11)
     mongo = pymongo.MongoClient(config.MONGO_URI, tz_aware=True)
     collection = mongo[config.MONGO_DB][config.MONGO_COLLECTION]
-    port = free_port()  # another run's api.py may hold any fixed one
     api = server = None
     try:
         began = time.perf_counter()
@@ -223,18 +239,7 @@ def main():
         while log.count_documents({"_id": {"$regex": "^c:"}}):  # stored means counted too: the folder catches up
             time.sleep(1)
         fold_seconds = time.perf_counter() - server.stored_at[-1][0]
-        api = subprocess.Popen([sys.executable, str(ROOT / "api.py")], cwd=ROOT,
-                                      env=dict(os.environ, API_PORT=str(port)),
-                                      stdout=open(ROOT / "bench/results/api-live.log", "wb"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("api.py did not answer")
-                time.sleep(0.2)
+        api, port = start_api("api-live.log")
 
         publisher, queries = Publisher(args.rate, random.Random(12)), QueryLoop(port, series=True)
         publisher.start()

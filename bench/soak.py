@@ -35,7 +35,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from ingest import ROOT, connect, store_name  # sets this run's exchange, queue and database names before config is read
-from live import KINDS, Publisher, ask, clean_up, free_port, iso, percentile
+from live import KINDS, Publisher, ask, clean_up, iso, percentile, start_api
 
 import pymongo  # noqa: E402
 
@@ -162,7 +162,6 @@ def main():
     mongo = pymongo.MongoClient(config.MONGO_URI, tz_aware=True)
     database = mongo[config.MONGO_DB]
     collection = database[config.MONGO_COLLECTION]
-    port = free_port()  # another run's api.py may hold any fixed one
     connection = connect()
     StatusServer._declare_topology(connection.channel())
     connection.close()
@@ -172,9 +171,7 @@ def main():
         server = SupervisedServer(ROOT / "bench/results/server-soak.log")
         server.start()
         server.started.wait(30)
-        api = subprocess.Popen([sys.executable, str(ROOT / "api.py")], cwd=ROOT, env=dict(os.environ, API_PORT=str(port)),
-                               stdout=open(ROOT / "bench/results/api-soak.log", "wb"), stderr=subprocess.STDOUT)
-        wait_for(lambda: api.poll() is None and ask_health(port), 60, "api.py answering", interval=0.2)
+        api, port = start_api("api-soak.log")
         began = datetime.now(timezone.utc)
         publisher, queries, killer = RecordingPublisher(args.rate, random.Random(32)), SoakQueries(port), Killer(server, args.kill_every)
         for thread in (publisher, queries, killer):
@@ -266,14 +263,6 @@ def queue_messages():
         f"{urllib.parse.unquote(url.username)}:{urllib.parse.unquote(url.password)}".encode()).decode())
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response).get("messages", 1)
-
-
-def ask_health(port):
-    try:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
-        return True
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":
