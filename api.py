@@ -102,6 +102,11 @@ def create_app(test_config=None):
     def bad_request(error):
         return jsonify(error=str(error)), 400
 
+    @app.errorhandler(counts.OldLayout)
+    def counts_unavailable(error):
+        app.logger.warning("%s", error)
+        return jsonify(error=str(error)), 503
+
     @app.errorhandler(PyMongoError)
     def database_unavailable(error):
         app.logger.warning("MongoDB error: %s", error)

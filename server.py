@@ -574,6 +574,9 @@ def main():
     parser.add_argument("--processes", type=int, default=config.SERVER_PROCESSES,
                         help="server processes sharing the queue, this one included "
                              "(default: SERVER_PROCESSES, one per core up to 4)")
+    parser.add_argument("--rebuild-counts", action="store_true",
+                        help="keep the counts again from the stored messages, then exit (after an upgrade that "
+                             "changed their layout; stop every server.py first)")
     parser.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)  # given to the children
     args = parser.parse_args()
     if args.processes < 1:
@@ -583,6 +586,10 @@ def main():
     counts.LOG.setLevel(args.log_level)
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # the server logs each transition itself
     mongo = pymongo.MongoClient(config.MONGO_URI, tz_aware=True, serverSelectionTimeoutMS=5000)
+    if args.rebuild_counts:
+        LOG.info("rebuilding the counts of %s.%s from the stored messages", config.MONGO_DB, config.MONGO_COLLECTION)
+        LOG.info("counted %d stored messages", counts.rebuild(mongo[config.MONGO_DB][config.MONGO_COLLECTION]))
+        return 0
     server = StatusServer(mongo[config.MONGO_DB][config.MONGO_COLLECTION], fault_hook=_fault_hook_from_environment(),
                           fold=args.parent_fd is None)
     if args.parent_fd is not None:

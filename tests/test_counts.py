@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from pymongo import monitoring
 
 import counts
-from conftest import MONGO_URI
+from conftest import MONGO_URI, wait_until
 
 # Midnight that starts a 32-day span, so data and ranges cross every level's boundaries.
 BASE = datetime(2026, 12, 13, tzinfo=timezone.utc)
@@ -64,6 +64,7 @@ def moment(offset_ms):
 offsets_ms = st.one_of(
     st.integers(-WINDOW_MS, WINDOW_MS),
     st.integers(-3, 3).map(lambda hours: hours * 3_600_000),  # exactly on boundaries
+    st.integers(-90, 90).map(lambda minutes: minutes * 60_000),
     st.integers(-2500, 2500),  # around the span boundary, inside seconds
 )
 batches = st.lists(st.tuples(st.integers(0, 40), st.integers(0, 6), offsets_ms), min_size=1, max_size=10)
@@ -368,6 +369,46 @@ def test_a_thirty_day_count_reads_a_few_small_documents(database):
     finally:
         client.close()
     assert lookups <= 16, lookups
+
+
+def test_counts_kept_in_an_earlier_layout_are_refused_until_rebuilt_from_the_stored_messages(database, caplog):
+    """An upgrade over counts an earlier version kept: readers and folders refuse them, naming the
+    command; `rebuild` counts every stored message, those of versions that kept no records included."""
+    collection = database["status"]
+    rng = random.Random(5)
+
+    def messages(prefix, number):
+        return [{"_id": f"{prefix}{index}", "status": rng.randrange(7),
+                 "timestamp": BASE + timedelta(milliseconds=rng.randrange(-WINDOW_MS, WINDOW_MS))}
+                for index in range(number)]
+
+    counts.BatchWriter(collection).write(messages("a", 300))
+    folder = counts.Folder(collection)
+    wait_until(lambda: folder.fold_once() or database["status_counts"].find_one({"_id": "all"}), what="the records folded")
+    database["status_counts"].delete_one({"_id": "layout"})  # as an earlier version left them
+    collection.insert_many(messages("unstamped", 50))  # stored before batches were recorded
+    with pytest.raises(counts.OldLayout, match="--rebuild-counts"):
+        counts.check_layout(collection)
+    counts.BatchWriter(collection).write(messages("b", 20))  # a server started over them: recorded, not folded
+    clock = Clock()
+    clock.offset += (counts.LEASE_WINDOW + 1) * counts.LEASE_SECONDS  # the first folder's lease has run out
+    assert counts.Folder(collection, clock=clock).fold_once() is False
+    assert "--rebuild-counts" in caplog.text
+    assert counts.rebuild(collection, chunk=64) == 370
+    counts.check_layout(collection)
+    for start, end in [(BASE - timedelta(days=3), BASE + timedelta(days=3)), (moment(-86_399_999), moment(7_777)),
+                       (moment(-61_000), moment(59_001)), (moment(1), moment(999))]:
+        assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end)
+
+
+def test_an_interrupted_rebuild_is_refused_until_run_again(database):
+    collection = database["status"]
+    counts.BatchWriter(collection).write([{"_id": "m", "status": 3, "timestamp": BASE}])
+    database["status_counts"].replace_one({"_id": "layout"}, {"version": counts.LAYOUT, "rebuilding": True}, upsert=True)
+    with pytest.raises(counts.OldLayout, match="being rebuilt"):
+        counts.check_layout(collection)
+    assert counts.rebuild(collection) == 1
+    assert counts.count(collection, BASE, BASE + timedelta(seconds=1)) == [0, 0, 0, 1, 0, 0, 0]
 
 
 @given(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)).map(
