@@ -3,13 +3,16 @@
     python api.py                      # serves on API_HOST:API_PORT with waitress
     curl 'localhost:5000/status-count?start=2026-11-27T00:00:00Z&end=2026-11-28T00:00:00Z'
     curl 'localhost:5000/status-series?start=2026-11-27T00:00:00Z&end=2026-11-28T00:00:00Z&step=1h'
+    curl 'localhost:5000/metrics'      # Prometheus text format
 """
 
 import logging
+import time
 from datetime import datetime, timedelta, timezone
 
 import pymongo
-from flask import Flask, jsonify, request
+from flask import Flask, g, jsonify, request
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Histogram, generate_latest
 from pymongo.errors import DuplicateKeyError, PyMongoError
 from werkzeug.exceptions import HTTPException
 
@@ -46,6 +49,28 @@ def create_app(test_config=None):
     database = mongo[app.config["MONGO_DB"]]
     collection = database[app.config["MONGO_COLLECTION"]]
     app.extensions["mongo"] = mongo
+    # A registry per app, not the global one: a process may build several apps (the tests do).
+    registry = CollectorRegistry()
+    requests_total = Counter("status_api_requests_total", "HTTP requests answered, by endpoint and status code",
+                             ["endpoint", "code"], registry=registry)
+    request_seconds = Histogram("status_api_request_duration_seconds", "Time to answer a request, by endpoint",
+                                ["endpoint"], registry=registry)
+
+    @app.before_request
+    def start_timer():
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def count_request(response):
+        # The route, not the path, so that the labels stay few whatever is asked.
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        request_seconds.labels(endpoint).observe(time.perf_counter() - g.started)
+        requests_total.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics")
+    def metrics():
+        return generate_latest(registry), {"Content-Type": CONTENT_TYPE_PLAIN_0_0_4}
 
     @app.get("/status-count")
     def status_count():

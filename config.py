@@ -35,6 +35,13 @@ def _whole_number(name, default, most, kind="a whole number"):
     return int(value)
 
 
+def _port_or_zero(name, default):
+    value = os.environ.get(name, str(default))
+    if not (value.isascii() and value.isdigit()) or not 0 <= int(value) <= 65535:
+        _fail(name, value, "a port number, or 0 for none")
+    return int(value)
+
+
 def _seconds(name, default, most):
     value = os.environ.get(name, str(default))
     try:
@@ -86,6 +93,10 @@ MONGO_STARTUP_TIMEOUT_SECONDS = _seconds("MONGO_STARTUP_TIMEOUT_SECONDS", 600, 8
 MONGO_OUTAGE_EXIT_SECONDS = _seconds("MONGO_OUTAGE_EXIT_SECONDS", 300, 86400)
 API_HOST = _name("API_HOST", "127.0.0.1")
 API_PORT = _whole_number("API_PORT", 5000, 65535, "a port number")
+# server.py's Prometheus metrics, served by its first process for all of them; 0: not served.
+# Next to API_PORT: 9100, the first of Prometheus' exporter ports, is node_exporter's on many hosts.
+METRICS_HOST = _name("METRICS_HOST", "127.0.0.1")
+METRICS_PORT = _port_or_zero("METRICS_PORT", 5001)
 MQTT_HOST = _name("MQTT_HOST", "localhost")
 MQTT_PORT = _whole_number("MQTT_PORT", 1883, 65535, "a port number")
 MQTT_USERNAME = _name("MQTT_USERNAME", "guest")

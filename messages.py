@@ -2,7 +2,7 @@
 
 server.py turns every delivery into a stored document with `to_document`, or
 rejects it with `InvalidMessage` whose text is the reason that goes into the
-dead-letter header. The contract is documented in README.md ("Message format").
+dead-letter header, and whose `kind` is the rule it breaks, for the metrics. The contract is documented in README.md ("Message format").
 """
 
 import json
@@ -22,10 +22,18 @@ MESSAGE_ID_RULE = f"1..{MAX_ID_LENGTH} visible ASCII characters (no spaces)"
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 STATUSES = range(0, 7)
 _FIELDS = frozenset({"status", "timestamp", "device_id", "message_id"})
+# The rules a message can break, a small fixed set (a metric label; the reason holds the detail).
+INVALID_KINDS = ("too_large", "invalid_json", "invalid_key", "invalid_status", "invalid_timestamp", "future_timestamp",
+                 "invalid_message_id", "invalid_device_id", "device_mismatch")
 
 
 class InvalidMessage(ValueError):
-    """A message that can never be stored, whatever is retried."""
+    """A message that can never be stored, whatever is retried. str() is the reason, for
+    people; `kind`, one of INVALID_KINDS, the rule it breaks."""
+
+    def __init__(self, reason, kind):
+        super().__init__(reason)
+        self.kind = kind
 
 
 # RFC 3339 section 5.6 date-time; see README.md ("Message format") for what is accepted and why.
@@ -143,9 +151,9 @@ def to_document(body, message_id=None, amqp_timestamp=None, topic_device_id=None
 
     status = fields.get("status")
     if "status" not in fields:
-        raise InvalidMessage("status is missing")
+        raise InvalidMessage("status is missing", "invalid_status")
     if type(status) is not int or status not in STATUSES:
-        raise InvalidMessage(f"status must be an integer 0..6, got {_show(status)}")
+        raise InvalidMessage(f"status must be an integer 0..6, got {_show(status)}", "invalid_status")
 
     document = {"status": status}
     if "message_id" in fields:
@@ -161,7 +169,8 @@ def to_document(body, message_id=None, amqp_timestamp=None, topic_device_id=None
         device_id = _identifier("device_id", device_id)
     if topic_device_id is not None:
         if device_id is not None and device_id != topic_device_id:
-            raise InvalidMessage(f"device_id {_show(device_id)} does not match the topic's device {_show(topic_device_id)}")
+            raise InvalidMessage(f"device_id {_show(device_id)} does not match the topic's device {_show(topic_device_id)}",
+                                 "device_mismatch")
         device_id = _identifier("topic device id", topic_device_id)
     if device_id is not None:
         document["device_id"] = device_id
@@ -170,29 +179,29 @@ def to_document(body, message_id=None, amqp_timestamp=None, topic_device_id=None
 
 def _decode(body):
     if not body:
-        raise InvalidMessage("body is empty")
+        raise InvalidMessage("body is empty", "invalid_json")
     if len(body) > MAX_BODY_BYTES:
-        raise InvalidMessage(f"body is {len(body)} bytes, more than {MAX_BODY_BYTES}")
+        raise InvalidMessage(f"body is {len(body)} bytes, more than {MAX_BODY_BYTES}", "too_large")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise InvalidMessage(f"body is not valid UTF-8 ({error.reason} at byte {error.start})") from None
+        raise InvalidMessage(f"body is not valid UTF-8 ({error.reason} at byte {error.start})", "invalid_json") from None
     if text.startswith("\ufeff"):  # json.loads would say so; the decoder it wraps does not
-        raise InvalidMessage("body is not JSON (it starts with a UTF-8 byte order mark)")
+        raise InvalidMessage("body is not JSON (it starts with a UTF-8 byte order mark)", "invalid_json")
     try:
         fields = _JSON.decode(text)
     except InvalidMessage:
         raise
     except (ValueError, RecursionError) as error:
-        raise InvalidMessage(f"body is not JSON ({str(error)[:120]})") from None
+        raise InvalidMessage(f"body is not JSON ({str(error)[:120]})", "invalid_json") from None
     if not isinstance(fields, dict):
-        raise InvalidMessage(f"body must be a JSON object, got {_json_type(fields)}")
+        raise InvalidMessage(f"body must be a JSON object, got {_json_type(fields)}", "invalid_json")
     # A lone surrogate can only come from a \\u escape: the UTF-8 decoder refuses encoded ones.
     if "\\u" in text:
         where = _lone_surrogate(fields)
         if where:
             raise InvalidMessage(f"{where} holds a lone surrogate (a \\uD800..\\uDFFF escape without its pair), "
-                                 "which is not Unicode text and cannot be stored")
+                                 "which is not Unicode text and cannot be stored", "invalid_json")
     return fields
 
 
@@ -206,12 +215,12 @@ def _checked_object(pairs):
         seen = set()
         for key, _ in pairs:
             if key in seen:
-                raise InvalidMessage(f"key {_show(key)} is given twice")
+                raise InvalidMessage(f"key {_show(key)} is given twice", "invalid_json")
             seen.add(key)
     if not _FIELDS.issuperset(fields):  # the usual keys need no closer look
         for key in fields:
             if key.startswith("$") or "." in key or "\x00" in key:
-                raise InvalidMessage(f"key {_show(key)} may not start with '$' or hold '.' or NUL")
+                raise InvalidMessage(f"key {_show(key)} may not start with '$' or hold '.' or NUL", "invalid_key")
     return fields
 
 
@@ -235,7 +244,7 @@ def _lone_surrogate(fields):
 
 
 def _no_constant(name):
-    raise InvalidMessage(f"body is not JSON ({name} is not a JSON number)")
+    raise InvalidMessage(f"body is not JSON ({name} is not a JSON number)", "invalid_json")
 
 
 # One decoder for every message: json.loads(text, **options) would build one per call.
@@ -247,7 +256,8 @@ def _identifier(name, value):
     """A message_id, or a device_id from the body or the topic: the same rule everywhere."""
     pattern, rule = (MESSAGE_ID, MESSAGE_ID_RULE) if name == "message_id" else (DEVICE_ID, DEVICE_ID_RULE)
     if type(value) is not str or not pattern.fullmatch(value):
-        raise InvalidMessage(f"{name} must be {rule}, got {_show(value)}")
+        raise InvalidMessage(f"{name} must be {rule}, got {_show(value)}",
+                             "invalid_message_id" if name == "message_id" else "invalid_device_id")
     return value
 
 
@@ -255,19 +265,21 @@ def _timestamp(fields, amqp_timestamp, received_at):
     if "timestamp" in fields:
         text = fields["timestamp"]
         if type(text) is not str:
-            raise InvalidMessage(f"timestamp must be an RFC 3339 date and time string, got {_show(text)}")
+            raise InvalidMessage(f"timestamp must be an RFC 3339 date and time string, got {_show(text)}",
+                                 "invalid_timestamp")
         try:
             moment = parse_time(text)
         except ValueError as error:
-            raise InvalidMessage(f"timestamp {_show(text)} is not an RFC 3339 date and time: {error}") from None
+            raise InvalidMessage(f"timestamp {_show(text)} is not an RFC 3339 date and time: {error}",
+                                 "invalid_timestamp") from None
     elif amqp_timestamp is not None:
         if type(amqp_timestamp) is not int or not 0 <= amqp_timestamp < 253402300800:
-            raise InvalidMessage(f"AMQP timestamp property {_show(amqp_timestamp)} is not a time")
+            raise InvalidMessage(f"AMQP timestamp property {_show(amqp_timestamp)} is not a time", "invalid_timestamp")
         moment = datetime.fromtimestamp(amqp_timestamp, timezone.utc)
     else:
         return received_at
     if moment - received_at > MAX_CLOCK_SKEW:
-        raise InvalidMessage(f"timestamp {moment.isoformat()} is more than 5 minutes in the future")
+        raise InvalidMessage(f"timestamp {moment.isoformat()} is more than 5 minutes in the future", "future_timestamp")
     return moment
 
 

@@ -13,6 +13,7 @@ documents it created, and one process folds those records into the counts the
 API reads (counts.py). An invalid message goes to the dead-letter queue with
 its reason and is never retried, and so does a message that no binding
 matched, which the exchange's alternate exchange (set by a policy) kept.
+With METRICS_PORT, the first process serves Prometheus metrics for all of them.
 """
 
 import argparse
@@ -20,9 +21,11 @@ import logging
 import os
 import queue
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -30,11 +33,12 @@ import pika
 import pymongo
 from pika.exceptions import (AMQPConnectionError, ChannelClosedByBroker, ConnectionBlockedTimeout, ConnectionClosedByBroker,
                              ProbableAuthenticationError)
+from pymongo import monitoring
 from pymongo.errors import OperationFailure, PyMongoError
 
 import config
 import counts
-from messages import InvalidMessage, routing_key_device_id, to_document
+from messages import INVALID_KINDS, InvalidMessage, routing_key_device_id, to_document
 
 LOG = logging.getLogger("server")
 
@@ -65,16 +69,105 @@ WRITERS = 3
 # so a backlog is written in fewer, bigger batches) and the deliveries on their way.
 PREFETCH = 10 * BATCH_SIZE
 NAMESPACE_NOT_FOUND, INDEX_NOT_FOUND = 26, 27
+DUPLICATE_KEY = 11000
 SHUTDOWN_SECONDS = 5
+# The `reason` label of the dead-letter metric: the rule a message broke, never the reason's text.
+DEAD_LETTER_KINDS = INVALID_KINDS + ("unroutable", "store_refused", "server_error")
+# prometheus_client reads it on import: where every process of one server.py keeps its metrics.
+MULTIPROCESS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class ConsumerCancelled(Exception):
     """RabbitMQ cancelled the consumer (consumer_cancel_notify): its queue was deleted, or moved."""
 
 
+class Metrics:
+    """What a server.py process measures, for Prometheus (README "Metrics"). With METRICS_PORT,
+    every process of one server.py keeps its values in files of MULTIPROCESS_DIRECTORY and the
+    first one serves their sums (prometheus_client's multiprocess mode); without, each keeps
+    them in memory, unread."""
+
+    def __init__(self):
+        # Imported here, not at the top: prometheus_client chooses on import between memory and
+        # files, from MULTIPROCESS_DIRECTORY, which main() sets first. No registry: the files are
+        # read by MultiProcessCollector, and one process may build several servers (bench/).
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.received = Counter("status_server_messages_received_total", "Deliveries taken from the queue and "
+                                "its .unroutable queue, redeliveries included", registry=None)
+        self.stored = Counter("status_server_messages_stored_total", "Messages written to MongoDB and acknowledged",
+                              registry=None)
+        self.duplicates = Counter("status_server_messages_duplicate_total", "Valid messages whose message_id was "
+                                  "stored already: acknowledged, not stored again", registry=None)
+        self.dead_lettered = Counter("status_server_messages_dead_lettered_total", "Messages moved to the "
+                                     "dead-letter queue, by the kind of their reason", ["reason"], registry=None)
+        for kind in DEAD_LETTER_KINDS:
+            self.dead_lettered.labels(kind)  # every series from the start, so that rate() sees the first one
+        self.batch_write_seconds = Histogram("status_server_batch_write_duration_seconds", "Time MongoDB took "
+                                             "to take one batch and its counts record", registry=None)
+        self.last_stored = Gauge("status_server_last_stored_timestamp_seconds", "Unix time of the last "
+                                 "acknowledged write of a new message (0: none yet)", multiprocess_mode="max",
+                                 registry=None)
+        # Reachable only if every live process reaches it.
+        self.rabbitmq_up = Gauge("status_server_rabbitmq_up", "1 while connected to RabbitMQ",
+                                 multiprocess_mode="livemin", registry=None)
+        self.mongodb_up = Gauge("status_server_mongodb_up", "1 while the last write to MongoDB (or the start-up "
+                                "check) succeeded", multiprocess_mode="livemin", registry=None)
+
+    @staticmethod
+    def serve(host, port):
+        """GET /metrics on host:port, from a thread: the sums over every process's files.
+        Raises OSError when the port is taken."""
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        start_http_server(port, addr=host, registry=registry)
+
+    @staticmethod
+    def process_gone(pid):
+        """Drops the gauges of a process that exited; its counters stay in the sums."""
+        if MULTIPROCESS_DIRECTORY in os.environ:
+            from prometheus_client.multiprocess import mark_process_dead
+
+            mark_process_dead(pid)
+
+
+class DuplicateKeys(monitoring.CommandListener):
+    """Counts, per thread, the documents that inserts into one collection found stored already
+    (duplicate key): counts.BatchWriter takes them as written without saying how many."""
+
+    def __init__(self, database, collection):
+        self._namespace = (database, collection)
+        self._inserts = set()  # request ids of the inserts into the collection that have not answered
+        self._local = threading.local()
+
+    def take(self):
+        """The duplicates this thread's inserts met since its last take()."""
+        found, self._local.found = getattr(self._local, "found", 0), 0
+        return found
+
+    def started(self, event):
+        if event.command_name == "insert" and (event.database_name, event.command["insert"]) == self._namespace:
+            self._inserts.add(event.request_id)
+
+    def succeeded(self, event):
+        if event.request_id in self._inserts:
+            self._inserts.discard(event.request_id)
+            found = sum(error.get("code") == DUPLICATE_KEY for error in event.reply.get("writeErrors", ()))
+            self._local.found = getattr(self._local, "found", 0) + found
+
+    def failed(self, event):
+        self._inserts.discard(event.request_id)
+
+
 class StatusServer:
-    def __init__(self, collection, amqp_url=config.RABBITMQ_URL, fault_hook=None, fold=True):
+    def __init__(self, collection, amqp_url=config.RABBITMQ_URL, fault_hook=None, fold=True, metrics=None,
+                 duplicate_keys=None):
         self._collection = collection
+        self._metrics = metrics or Metrics()
+        self._duplicate_keys = duplicate_keys  # a DuplicateKeys listening to the collection's client, or None
         self._fold = fold  # one process of a server.py folds the counts; its children do not
         self._parameters = pika.URLParameters(amqp_url)
         # pika answers heartbeats only inside process_data_events: the main thread never
@@ -109,6 +202,7 @@ class StatusServer:
         self._stored = 0
         self._dead = 0
         self._unroutable = 0
+        self._received = 0  # deliveries not yet added to the metric (once per burst: cheaper)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -171,6 +265,7 @@ class StatusServer:
                  self._unroutable)
 
     def _went_down(self, why):
+        self._metrics.rabbitmq_up.set(0)
         if self._down_since is None:
             self._down_since = time.monotonic()
             LOG.warning("%s; reconnecting", why)
@@ -212,6 +307,7 @@ class StatusServer:
         self._declare_topology(self._channel)
         self._channel.confirm_delivery()  # dead-letter publishes are confirmed before the ack
         self._channel.basic_qos(prefetch_count=1 if self._one_at_a_time else PREFETCH)
+        self._metrics.rabbitmq_up.set(1)
         if self._down_since is not None:
             LOG.info("RabbitMQ is back after %.1fs", time.monotonic() - self._down_since)
             self._down_since = None
@@ -250,8 +346,10 @@ class StatusServer:
                     self._collection.database.command("ping")
                 with pymongo.timeout(config.MONGO_STARTUP_TIMEOUT_SECONDS):
                     create_indexes(self._collection)
+                self._metrics.mongodb_up.set(1)
                 return
             except PyMongoError as error:
+                self._metrics.mongodb_up.set(0)
                 failing_since = failing_since or attempt_started
                 if time.monotonic() - failing_since >= config.MONGO_OUTAGE_EXIT_SECONDS:
                     self._give_up_on_mongodb(failing_since, error)
@@ -270,6 +368,9 @@ class StatusServer:
         connected_at = time.monotonic()
         while True:
             self._connection.process_data_events(time_limit=0.01 if self._unacknowledged() or self._batch else 0.25)
+            if self._received:
+                self._metrics.received.inc(self._received)
+                self._received = 0
             self._raise_if_consumer_gone()
             self._acknowledge_written()
             if self._stopping and not cancelled:
@@ -308,16 +409,17 @@ class StatusServer:
             raise getattr(self._channel, "_closing_reason", None) or ChannelClosedByBroker(0, "channel closed")
 
     def _on_message(self, channel, method, properties, body):
+        self._received += 1
         self._fault_hook("message", properties.message_id)
         try:
             document = to_document(body, message_id=properties.message_id, amqp_timestamp=properties.timestamp,
                                    topic_device_id=routing_key_device_id(method.routing_key))
         except InvalidMessage as error:
-            self._dead_letter(method, properties, body, str(error))
+            self._dead_letter(method, properties, body, str(error), error.kind)
             return
         except Exception as error:  # a bug must not stop the pipeline: keep the message, with the reason
             LOG.exception("unexpected error on a message")
-            self._dead_letter(method, properties, body, f"server error: {error!r}"[:200])
+            self._dead_letter(method, properties, body, f"server error: {error!r}"[:200], "server_error")
             return
         if not self._batch:
             self._batch_started = time.monotonic()
@@ -325,10 +427,12 @@ class StatusServer:
 
     def _on_unroutable(self, channel, method, properties, body):
         """A message that no binding of EXCHANGE matched, kept by its alternate exchange."""
+        self._received += 1
         self._unroutable += 1
-        self._dead_letter(method, properties, body, f"unroutable: {method.routing_key}")
+        self._dead_letter(method, properties, body, f"unroutable: {method.routing_key}", "unroutable")
 
-    def _dead_letter(self, method, properties, body, reason):
+    def _dead_letter(self, method, properties, body, reason, kind):
+        """Moves the message to DEAD_LETTER_QUEUE with its reason; `kind`, one of DEAD_LETTER_KINDS, labels the metric."""
         LOG.warning("rejected message %s from %r: %s", properties.message_id or "-", method.routing_key, reason)
         headers = dict(properties.headers or {})
         headers[REASON_HEADER] = reason
@@ -337,6 +441,7 @@ class StatusServer:
         self._channel.basic_publish(DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, body, properties)
         self._channel.basic_ack(method.delivery_tag)
         self._dead += 1
+        self._metrics.dead_lettered.labels(kind).inc()
 
     def _hand_to_writer(self):
         try:
@@ -349,28 +454,33 @@ class StatusServer:
     def _acknowledge_written(self):
         while True:
             try:
-                generation, sequence, batch, failures = self._written.get_nowait()
+                generation, sequence, batch, failures, duplicates = self._written.get_nowait()
             except queue.Empty:
                 return
             if generation != self._generation:
                 continue
-            self._written_early[sequence] = (batch, failures)
+            self._written_early[sequence] = (batch, failures, duplicates)
             # One multiple ack covers every earlier delivery: never ack past a batch still being written.
             while self._next_to_acknowledge in self._written_early:
                 self._acknowledge(*self._written_early.pop(self._next_to_acknowledge))
                 self._next_to_acknowledge += 1
 
-    def _acknowledge(self, batch, failures):
+    def _acknowledge(self, batch, failures, duplicates):
         self._fault_hook("before-ack")
         for index, reason in sorted(failures.items()):
             method, properties, body, _ = batch[index]
-            self._dead_letter(method, properties, body, reason)
+            self._dead_letter(method, properties, body, reason, "store_refused")
         last_tag = next((batch[index][0].delivery_tag for index in reversed(range(len(batch))) if index not in failures),
                         None)  # without looking at every message of the batch when nothing failed
         if last_tag is not None:
             self._channel.basic_ack(last_tag, multiple=True)
         self._stored += len(batch) - len(failures)
         LOG.debug("stored %d messages (%d in all)", len(batch) - len(failures), self._stored)
+        new = len(batch) - len(failures) - duplicates
+        self._metrics.stored.inc(new)
+        self._metrics.duplicates.inc(duplicates)
+        if new:
+            self._metrics.last_stored.set_to_current_time()
 
     def _unacknowledged(self):
         """Batches of this connection handed to the writers and not acknowledged yet."""
@@ -408,22 +518,27 @@ class StatusServer:
             if generation != self._generation:
                 continue  # its messages are on their way back from the broker
             self._fault_hook("before-write", (sequence, len(batch)))
-            failures = self._insert([document for *_, document in batch])
+            failures, duplicates = self._insert([document for *_, document in batch])
             self._fault_hook("after-write")
-            self._written.put((generation, sequence, batch, failures))
+            self._written.put((generation, sequence, batch, failures, duplicates))
 
     def _insert(self, documents):
-        """Write until MongoDB takes the documents; return {index: reason} for those it never will.
-        Each attempt has a deadline (MONGO_WRITE_TIMEOUT_SECONDS), so a store that accepts
-        connections and never answers is an outage like any other; after
-        MONGO_OUTAGE_EXIT_SECONDS of failed attempts the process exits."""
+        """Write until MongoDB takes the documents; return ({index: reason} for those it never
+        will, how many were stored already). Each attempt has a deadline
+        (MONGO_WRITE_TIMEOUT_SECONDS), so a store that accepts connections and never answers is
+        an outage like any other; after MONGO_OUTAGE_EXIT_SECONDS of failed attempts the process exits."""
         delay, failing, failing_since = 0.5, False, None
         while True:
             attempt_started = time.monotonic()
+            if self._duplicate_keys:
+                self._duplicate_keys.take()  # a failed attempt's: what it stored, this one finds stored
             try:
                 failures = self._batch_writer.write(documents)  # the raw insert and its counts record
+                self._metrics.batch_write_seconds.observe(time.monotonic() - attempt_started)
+                self._metrics.mongodb_up.set(1)
             except PyMongoError as error:
                 failures = None
+                self._metrics.mongodb_up.set(0)
                 failing_since = failing_since or attempt_started
                 if not failing and attempt_started > self._recovered_at:  # else: the outage that just ended
                     failing = True
@@ -433,7 +548,7 @@ class StatusServer:
             if failures is not None:
                 if failing:
                     self._outage_ended()
-                return failures
+                return failures, self._duplicate_keys.take() if self._duplicate_keys else 0
             time.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, 10.0)
 
@@ -528,6 +643,7 @@ class _OtherProcesses:
 
     def _watch(self, process):
         code = process.wait()
+        Metrics.process_gone(process.pid)
         if self._stopping:
             return
         # Even a clean exit was not asked for by this process: the whole must be restarted.
@@ -585,13 +701,33 @@ def main():
     LOG.setLevel(args.log_level)
     counts.LOG.setLevel(args.log_level)
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # the server logs each transition itself
-    mongo = pymongo.MongoClient(config.MONGO_URI, tz_aware=True, serverSelectionTimeoutMS=5000)
     if args.rebuild_counts:
-        LOG.info("rebuilding the counts of %s.%s from the stored messages", config.MONGO_DB, config.MONGO_COLLECTION)
-        LOG.info("counted %d stored messages", counts.rebuild(mongo[config.MONGO_DB][config.MONGO_COLLECTION]))
+        collection = pymongo.MongoClient(config.MONGO_URI, tz_aware=True)[config.MONGO_DB][config.MONGO_COLLECTION]
+        LOG.info("rebuilding the counts of %s from the stored messages", collection.full_name)
+        LOG.info("counted %d stored messages", counts.rebuild(collection))
         return 0
+    metrics_directory = None
+    if args.parent_fd is None:
+        # New for each run, so that no stale file adds to the sums; the children inherit it.
+        os.environ.pop(MULTIPROCESS_DIRECTORY, None)
+        if config.METRICS_PORT:
+            metrics_directory = os.environ[MULTIPROCESS_DIRECTORY] = tempfile.mkdtemp(prefix="status-server-metrics-")
+    metrics = Metrics()
+    if metrics_directory:
+        try:
+            metrics.serve(config.METRICS_HOST, config.METRICS_PORT)
+        except OSError as error:
+            LOG.error("cannot serve metrics on %s:%d (METRICS_HOST, METRICS_PORT; 0 serves none): %s",
+                      config.METRICS_HOST, config.METRICS_PORT, error)
+            shutil.rmtree(metrics_directory, ignore_errors=True)
+            return 1
+        LOG.info("serving metrics on http://%s:%d/metrics, the sums of the files of every process in %s",
+                 config.METRICS_HOST, config.METRICS_PORT, metrics_directory)
+    duplicate_keys = DuplicateKeys(config.MONGO_DB, config.MONGO_COLLECTION)
+    mongo = pymongo.MongoClient(config.MONGO_URI, tz_aware=True, serverSelectionTimeoutMS=5000,
+                                event_listeners=[duplicate_keys])
     server = StatusServer(mongo[config.MONGO_DB][config.MONGO_COLLECTION], fault_hook=_fault_hook_from_environment(),
-                          fold=args.parent_fd is None)
+                          fold=args.parent_fd is None, metrics=metrics, duplicate_keys=duplicate_keys)
     if args.parent_fd is not None:
         _stop_with_parent(args.parent_fd, server)
     others = _OtherProcesses(args.processes - 1, args.log_level, server) if args.processes > 1 else None
@@ -607,6 +743,8 @@ def main():
         server.run()
     finally:
         code = others.wait() if others else 0  # also when this one failed
+        if metrics_directory:
+            shutil.rmtree(metrics_directory, ignore_errors=True)
     return code
 
 

@@ -106,7 +106,8 @@ class Pipeline:
                         MONGO_DB=f"test_{suffix}", MONGO_COLLECTION="status",
                         EXCHANGE=exchange or f"test_exchange_{suffix}", QUEUE=f"test_queue_{suffix}",
                         ROUTING_KEY="status_topic", PYTHONUNBUFFERED="1",
-                        SERVER_PROCESSES="1")  # one process, whose log tells one story; test_processes.py runs more
+                        SERVER_PROCESSES="1",  # one process, whose log tells one story; test_processes.py runs more
+                        METRICS_PORT="0")  # servers run side by side; test_metrics.py gives its own a free port
         self.routing_key = self.env["ROUTING_KEY"]
         self.exchange, self.queue = self.env["EXCHANGE"], self.env["QUEUE"]
         self.dead_letter_queue = self.queue + ".dead"

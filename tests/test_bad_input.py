@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from messages import InvalidMessage, parse_time, to_document
+from messages import INVALID_KINDS, InvalidMessage, parse_time, to_document
 from counts import BatchWriter
 
 NOW = datetime(2026, 11, 27, 10, 0, tzinfo=timezone.utc)
@@ -116,6 +116,7 @@ def test_to_document_rejects(name):
     with pytest.raises(InvalidMessage, match=None) as error:
         to_document(raw, received_at=NOW)
     assert holds(str(error.value), reason)
+    assert error.value.kind in INVALID_KINDS
     assert len(str(error.value)) < 300
     str(error.value).encode("ascii")  # it goes into an AMQP header as it is
 
@@ -149,6 +150,37 @@ def holds(reason, words):
 def test_to_document_accepts(raw, expected):
     document = to_document(raw, received_at=NOW)
     assert document == dict(expected, received_at=NOW)
+
+
+# The kind each is counted under (server.py's dead-letter metric): every kind, and the cases nearest another.
+KINDS = {"too-large": "too_large", "not-json": "invalid_json", "empty-body": "invalid_json", "invalid-utf8": "invalid_json",
+         "byte-order-mark": "invalid_json", "array": "invalid_json", "nan": "invalid_json",
+         "duplicate-status": "invalid_json", "surrogate-device-id": "invalid_json", "dollar-key": "invalid_key",
+         "nested-nul-key": "invalid_key", "status-missing": "invalid_status", "status-true": "invalid_status",
+         "timestamp-number": "invalid_timestamp", "timestamp-unparsable": "invalid_timestamp",
+         "time-leap-second": "invalid_timestamp", "timestamp-future": "future_timestamp",
+         "message-id-number": "invalid_message_id", "device-id-too-long": "invalid_device_id"}
+
+
+# Rules that only the AMQP properties or the topic can break: (to_document's arguments, kind).
+KINDS_BEYOND_THE_BODY = {
+    "topic-device-id": (dict(body=body(status=1), topic_device_id="a+b"), "invalid_device_id"),
+    "device-mismatch": (dict(body=body(status=1, device_id="sensor-7"), topic_device_id="sensor-8"), "device_mismatch"),
+    "amqp-timestamp": (dict(body=body(status=1), amqp_timestamp=-1), "invalid_timestamp"),
+    "amqp-message-id": (dict(body=body(status=1), message_id="has space"), "invalid_message_id"),
+}
+
+
+def test_each_rejection_names_the_rule_it_breaks():
+    cases = {name: (dict(body=BAD_MESSAGES[name][0]), kind) for name, kind in KINDS.items()}
+    cases.update(KINDS_BEYOND_THE_BODY)
+    found = {}
+    for name, (arguments, _) in cases.items():
+        with pytest.raises(InvalidMessage) as error:
+            to_document(received_at=NOW, **arguments)
+        found[name] = error.value.kind
+    assert found == {name: kind for name, (_, kind) in cases.items()}
+    assert set(found.values()) == set(INVALID_KINDS)
 
 
 def test_amqp_message_id_wins_over_the_body():

@@ -149,6 +149,8 @@ def test_sigterm_stops_the_server_cleanly(pipeline):
     ("MONGO_URI", "mongodb://localhost:port/"),
     ("QUEUE", ""),
     ("SERVER_PROCESSES", "0"),
+    ("METRICS_PORT", "70000"),
+    ("METRICS_PORT", ""),
 ])
 @pytest.mark.parametrize("script", ["server.py", "client.py", "api.py"])
 def test_bad_setting_stops_the_program_with_one_line_naming_it(script, variable, value):
