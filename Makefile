@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench soak services services-down venv clean
+.PHONY: demo test bench soak browser services services-down venv clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,13 +16,18 @@ venv: $(VENV)/.installed
 services:
 	scripts/services up
 
+# Debian's Chromium and its WebDriver, for tests/test_dashboard.py and `make screenshot`.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
 services-down:
 	scripts/services down
 
 demo: venv services
 	scripts/demo
 
-test: venv services
+test: venv services browser
 	$(PY) -m pyflakes *.py tests/*.py $(wildcard bench/*.py)
 	$(PY) -m pytest
 
