@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench soak services services-down venv clean
+.PHONY: demo test bench soak screenshot browser services services-down venv clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,14 +16,19 @@ venv: $(VENV)/.installed
 services:
 	scripts/services up
 
+# Debian's Chromium and its WebDriver, for tests/test_dashboard.py and `make screenshot`.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
 services-down:
 	scripts/services down
 
 demo: venv services
 	scripts/demo
 
-test: venv services
-	$(PY) -m pyflakes *.py tests/*.py $(wildcard bench/*.py)
+test: venv services browser
+	$(PY) -m pyflakes *.py tests/*.py $(wildcard bench/*.py scripts/*.py)
 	$(PY) -m pytest
 
 bench: venv services
@@ -34,6 +39,10 @@ bench: venv services
 # 30 minutes of ingest at 1,000 msg/s, queries and a kill -9 of a server process every 3 minutes.
 soak: venv services
 	$(PY) bench/soak.py
+
+# docs/dashboard.png, the README's picture of the dashboard, over an hour of demo messages.
+screenshot: venv services browser
+	$(PY) scripts/screenshot.py
 
 clean:
 	scripts/services reset

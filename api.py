@@ -1,17 +1,20 @@
-"""HTTP API: how many messages of each status arrived between start and end.
+"""HTTP API: how many messages of each status arrived between start and end, and a dashboard.
 
     python api.py                      # serves on API_HOST:API_PORT with waitress
+    open http://localhost:5000/        # the dashboard: templates/dashboard.html, static/dashboard.js
     curl 'localhost:5000/status-count?start=2026-11-27T00:00:00Z&end=2026-11-28T00:00:00Z'
     curl 'localhost:5000/status-series?start=2026-11-27T00:00:00Z&end=2026-11-28T00:00:00Z&step=1h'
     curl 'localhost:5000/metrics'      # Prometheus text format
 """
 
+import importlib.metadata
 import logging
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pymongo
-from flask import Flask, g, jsonify, request
+from flask import Flask, g, jsonify, render_template, request, send_file
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Histogram, generate_latest
 from pymongo.errors import DuplicateKeyError, PyMongoError
 from werkzeug.exceptions import HTTPException
@@ -29,6 +32,9 @@ MAX_BUCKETS = 1500
 # every write. One document, so that the write stays cheap on FerretDB, where an update reads
 # its whole collection.
 HEALTH_COLLECTION = "health"
+# The dashboard's chart library: the plotly.js bundle inside the plotly wheel (pinned in
+# requirements.txt), served from where pip put it, so that the page needs nothing but this API.
+PLOTLY_JS = Path(importlib.metadata.distribution("plotly").locate_file("plotly/package_data/plotly.min.js"))
 
 
 class BadRequest(ValueError):
@@ -71,6 +77,15 @@ def create_app(test_config=None):
     @app.get("/metrics")
     def metrics():
         return generate_latest(registry), {"Content-Type": CONTENT_TYPE_PLAIN_0_0_4}
+
+    @app.get("/")
+    def dashboard():
+        """The dashboard: counts per status over a range, drawn from /status-series and /status-count."""
+        return render_template("dashboard.html")
+
+    @app.get("/plotly.min.js")
+    def plotly_js():
+        return send_file(PLOTLY_JS, mimetype="text/javascript")
 
     @app.get("/status-count")
     def status_count():
