@@ -373,10 +373,10 @@ def _owner_is_dead(owner):
 class BatchWriter:
     """Stores batches of documents in one raw collection and records their counts.
 
-    `write(documents)` returns {index: reason} for documents the store refused for what
-    they hold (never to be retried); it raises PyMongoError when the whole write must be
-    retried (an outage). Documents already stored (same _id) are not refused: they are
-    redeliveries, stored once.
+    `write(documents)` returns ({index: reason} for documents the store refused for what
+    they hold, never to be retried; the number of documents already stored, same _id: they are
+    redeliveries, stored once and not refused); it raises PyMongoError when the whole write
+    must be retried (an outage).
     """
 
     def __init__(self, collection, wait_seconds=0.05, fault_hook=None, timeout_seconds=None):
@@ -409,7 +409,7 @@ class BatchWriter:
             raise
         if duplicates:
             self._wait_for_open_intents(batch)
-        return refused
+        return refused, len(duplicates)
 
     def _abandoned_before(self):
         """{"abandoned": [batch]}: the batches this process gave up on, named in the next intents

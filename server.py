@@ -33,7 +33,6 @@ import pika
 import pymongo
 from pika.exceptions import (AMQPConnectionError, ChannelClosedByBroker, ConnectionBlockedTimeout, ConnectionClosedByBroker,
                              ProbableAuthenticationError)
-from pymongo import monitoring
 from pymongo.errors import OperationFailure, PyMongoError
 
 import config
@@ -69,7 +68,6 @@ WRITERS = 3
 # so a backlog is written in fewer, bigger batches) and the deliveries on their way.
 PREFETCH = 10 * BATCH_SIZE
 NAMESPACE_NOT_FOUND, INDEX_NOT_FOUND = 26, 27
-DUPLICATE_KEY = 11000
 SHUTDOWN_SECONDS = 5
 # The `reason` label of the dead-letter metric: the rule a message broke, never the reason's text.
 DEAD_LETTER_KINDS = INVALID_KINDS + ("unroutable", "store_refused", "server_error")
@@ -134,40 +132,10 @@ class Metrics:
             mark_process_dead(pid)
 
 
-class DuplicateKeys(monitoring.CommandListener):
-    """Counts, per thread, the documents that inserts into one collection found stored already
-    (duplicate key): counts.BatchWriter takes them as written without saying how many."""
-
-    def __init__(self, database, collection):
-        self._namespace = (database, collection)
-        self._inserts = set()  # request ids of the inserts into the collection that have not answered
-        self._local = threading.local()
-
-    def take(self):
-        """The duplicates this thread's inserts met since its last take()."""
-        found, self._local.found = getattr(self._local, "found", 0), 0
-        return found
-
-    def started(self, event):
-        if event.command_name == "insert" and (event.database_name, event.command["insert"]) == self._namespace:
-            self._inserts.add(event.request_id)
-
-    def succeeded(self, event):
-        if event.request_id in self._inserts:
-            self._inserts.discard(event.request_id)
-            found = sum(error.get("code") == DUPLICATE_KEY for error in event.reply.get("writeErrors", ()))
-            self._local.found = getattr(self._local, "found", 0) + found
-
-    def failed(self, event):
-        self._inserts.discard(event.request_id)
-
-
 class StatusServer:
-    def __init__(self, collection, amqp_url=config.RABBITMQ_URL, fault_hook=None, fold=True, metrics=None,
-                 duplicate_keys=None):
+    def __init__(self, collection, amqp_url=config.RABBITMQ_URL, fault_hook=None, fold=True, metrics=None):
         self._collection = collection
         self._metrics = metrics or Metrics()
-        self._duplicate_keys = duplicate_keys  # a DuplicateKeys listening to the collection's client, or None
         self._fold = fold  # one process of a server.py folds the counts; its children do not
         self._parameters = pika.URLParameters(amqp_url)
         # pika answers heartbeats only inside process_data_events: the main thread never
@@ -530,10 +498,8 @@ class StatusServer:
         delay, failing, failing_since = 0.5, False, None
         while True:
             attempt_started = time.monotonic()
-            if self._duplicate_keys:
-                self._duplicate_keys.take()  # a failed attempt's: what it stored, this one finds stored
             try:
-                failures = self._batch_writer.write(documents)  # the raw insert and its counts record
+                failures, duplicates = self._batch_writer.write(documents)  # the raw insert and its counts record
                 self._metrics.batch_write_seconds.observe(time.monotonic() - attempt_started)
                 self._metrics.mongodb_up.set(1)
             except PyMongoError as error:
@@ -548,7 +514,7 @@ class StatusServer:
             if failures is not None:
                 if failing:
                     self._outage_ended()
-                return failures, self._duplicate_keys.take() if self._duplicate_keys else 0
+                return failures, duplicates
             time.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, 10.0)
 
@@ -723,11 +689,9 @@ def main():
             return 1
         LOG.info("serving metrics on http://%s:%d/metrics, the sums of the files of every process in %s",
                  config.METRICS_HOST, config.METRICS_PORT, metrics_directory)
-    duplicate_keys = DuplicateKeys(config.MONGO_DB, config.MONGO_COLLECTION)
-    mongo = pymongo.MongoClient(config.MONGO_URI, tz_aware=True, serverSelectionTimeoutMS=5000,
-                                event_listeners=[duplicate_keys])
+    mongo = pymongo.MongoClient(config.MONGO_URI, tz_aware=True, serverSelectionTimeoutMS=5000)
     server = StatusServer(mongo[config.MONGO_DB][config.MONGO_COLLECTION], fault_hook=_fault_hook_from_environment(),
-                          fold=args.parent_fd is None, metrics=metrics, duplicate_keys=duplicate_keys)
+                          fold=args.parent_fd is None, metrics=metrics)
     if args.parent_fd is not None:
         _stop_with_parent(args.parent_fd, server)
     others = _OtherProcesses(args.processes - 1, args.log_level, server) if args.processes > 1 else None

@@ -238,15 +238,16 @@ def test_the_writer_refuses_unencodable_documents_alone_and_stores_the_rest(mong
         documents = [document("A"), document("P", device_id="\ud800"), document("K", extra={"a\x00": 1}),
                      document("O", extra=2**64), document("S", extra={"\udfff": 1}), document("B"),
                      {"status": 2, "timestamp": NOW, "received_at": NOW}]
-        failures = BatchWriter(database["status"]).write(documents)
-        assert sorted(failures) == [1, 2, 3, 4]
+        failures, duplicates = BatchWriter(database["status"]).write(documents)
+        assert sorted(failures) == [1, 2, 3, 4] and duplicates == 0
         for index, words in ((1, "UnicodeEncodeError"), (2, "NULL"), (3, "8-byte ints"), (4, "UnicodeEncodeError")):
             assert "cannot be stored" in failures[index] and words in failures[index]
             failures[index].encode("ascii")
         assert {d["_id"] for d in database["status"].find({}, {"_id": 1}) if isinstance(d["_id"], str)} == {"A", "B"}
         assert database["status"].count_documents({}) == 3
         # Written again, as after a redelivery: the stored ones are duplicates, the others refused again.
-        assert sorted(BatchWriter(database["status"]).write(documents)) == [1, 2, 3, 4]
+        failures, duplicates = BatchWriter(database["status"]).write(documents)
+        assert sorted(failures) == [1, 2, 3, 4] and duplicates == 3
         assert database["status"].count_documents({}) == 3
     finally:
         mongo.drop_database(database.name)
