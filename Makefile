@@ -31,8 +31,9 @@ test: venv services browser
 	$(PY) -m pyflakes *.py tests/*.py $(wildcard bench/*.py scripts/*.py)
 	$(PY) -m pytest
 
+# The ingest benchmark's Telegraf column builds Telegraf once (scripts/telegraf-build, minutes).
 bench: venv services
-	$(PY) bench/ingest.py
+	$(PY) bench/ingest.py --telegraf
 	$(PY) bench/query.py
 	$(PY) bench/live.py
 
