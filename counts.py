@@ -81,6 +81,7 @@ Counts are never incremented in place, so no increment can be lost.
 import array
 import bisect
 import collections
+import functools
 import logging
 import math
 import os
@@ -103,6 +104,7 @@ STATUSES = len(messages.STATUSES)  # counts are lists indexed by status
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MINUTE, HOUR, DAY, SPAN = 60, 3600, 86400, 32 * 86400  # seconds; each divides the next
 LEVELS = (MINUTE, HOUR, DAY, SPAN)  # aggregate levels below `all`; a level's parts are buckets of the level below
+MINUTES_PER_HOUR = HOUR // MINUTE
 LAYOUT = 2  # the layout below; 1 kept counts per second in hour documents
 TOP = len(LEVELS)
 # timestamp() is the exact count of microseconds divided by 10**6, correctly rounded. While
@@ -125,7 +127,7 @@ RECOVERY_SECONDS = 3600  # minutes for tens of millions of documents on FerretDB
 # and so does a folder after a failed write: a write a client gave up on may still land.
 QUIET_SECONDS = STEP_SECONDS + 2
 LEASE_WINDOW = QUIET_SECONDS // LEASE_SECONDS + 2  # slots back in which a folder before may still write
-CACHED = 64
+CACHED = 4096  # documents: a round of a backlog spread over days touches thousands of minutes
 MAX_RECORDS_PER_ROUND = 200  # 400,000 messages of batches at most: any fragment stays far below 16 MiB
 MAX_ROUND_CHARS = 4_000_000  # and a round's records take at most about 500,000 messages (rebuilt ones are bigger)
 MAX_COMPACTED_ENTRIES = 1_000_000  # about 7 MB; a minute busier than that keeps its fragments
@@ -152,13 +154,15 @@ def _collections(collection):
     return database[f"{name}_counts_log"], database[f"{name}_counts"]
 
 
-def _day_name(collection, second):
-    day = EPOCH + timedelta(seconds=second)
-    return f"{collection.name}_counts_{day.year:04d}{day.month:02d}{day.day:02d}"
+@functools.lru_cache(maxsize=4096)
+def _day(day_number):
+    day = EPOCH + timedelta(days=day_number)
+    return f"{day.year:04d}{day.month:02d}{day.day:02d}"
 
 
 def _fragments_home(collection, minute):
-    return collection.database[f"{_day_name(collection, minute * MINUTE)}_ms"]
+    """The name of the collection of a minute's fragments."""
+    return f"{collection.name}_counts_{_day(minute // (DAY // MINUTE))}_ms"
 
 
 def _aggregate_id(level, bucket):
@@ -166,13 +170,14 @@ def _aggregate_id(level, bucket):
 
 
 def _home(collection, level, bucket):
-    """Minutes and hours in collections of their day (minutes apart: a lookup on FerretDB reads
-    the rows before its match, and hours are read most), the rest in `<c>_counts`."""
+    """The name of an aggregate's collection: minutes and hours in collections of their day
+    (minutes apart: a lookup on FerretDB reads the rows before its match, and hours are read
+    most), the rest in `<c>_counts`."""
     if level == 0:
-        return collection.database[f"{_day_name(collection, bucket * MINUTE)}_s"]
+        return f"{collection.name}_counts_{_day(bucket // (DAY // MINUTE))}_s"
     if level == 1:
-        return collection.database[_day_name(collection, bucket * HOUR)]
-    return _collections(collection)[1]
+        return f"{collection.name}_counts_{_day(bucket // (DAY // HOUR))}"
+    return f"{collection.name}_counts"
 
 
 class OldLayout(Exception):
@@ -333,6 +338,15 @@ def _decode_fragments(text):
         offset, tags = part.split(":")
         fragments[int(offset)] = tags.split(",")
     return fragments
+
+
+def _encode_versions(versions):
+    """{minute offset: round of its current version} -> "offset:round;..." (an hour's minutes)."""
+    return ";".join(f"{offset}:{version}" for offset, version in sorted(versions.items()))
+
+
+def _decode_versions(text):
+    return {int(offset): int(version) for offset, version in (part.split(":") for part in text.split(";"))} if text else {}
 
 
 def _add(counts, more):
@@ -680,7 +694,7 @@ class Folder:
                 fragments.setdefault(minute, []).append((ms - minute * MINUTE * 1000, status))
         by_home = {}
         for minute, entries in fragments.items():
-            by_home.setdefault(_fragments_home(self._raw, minute).name, []).append(
+            by_home.setdefault(_fragments_home(self._raw, minute), []).append(
                 {"_id": f"f:{minute}:{number}", "entries": _encode_seconds(sorted(entries))})
         for home, documents in by_home.items():
             try:
@@ -702,30 +716,92 @@ class Folder:
                 offset = child - bucket * (size // child_size) if size else child
                 _add(parts.setdefault(bucket, {}).setdefault(offset, [0] * STATUSES), total)
             level_parts.append(parts)
-        for level, buckets in enumerate(level_parts):
+        hours = self._current(1, {hour: _aggregate_id(1, hour) for hour in level_parts[1]})
+        versions = self._write_minutes(number, minutes, hours)
+        for level, buckets in enumerate(level_parts[1:], start=1):
+            current = hours if level == 1 else self._current(level, {b: _aggregate_id(level, b) for b in buckets})
             for bucket, parts in buckets.items():
                 if not self._still_holds():
                     raise _LeaseLost()
                 with pymongo.timeout(STEP_SECONDS):
-                    self._merge(number, level, bucket, parts)
+                    self._merge(number, level, bucket, parts, current[bucket],
+                                {minute % MINUTES_PER_HOUR: versions[minute] for minute in versions
+                                 if minute // MINUTES_PER_HOUR == bucket} if level == 1 else None)
 
-    def _merge(self, number, level, bucket, parts):
-        home, _id = _home(self._raw, level, bucket), _aggregate_id(level, bucket)
-        current = self._cache.pop((level, bucket), None) or home.find_one({"_id": _id}) or {"round": 0, "parts": ""}
+    def _current(self, level, ids):
+        """{bucket: its current document} for {bucket: _id} of one level: from the cache, or one
+        query per collection (on FerretDB one pass, where a lookup per document would cost one each)."""
+        found, wanted = {}, collections.defaultdict(dict)
+        for bucket, _id in ids.items():
+            cached = self._cache.pop((level, bucket), None)
+            if cached is not None:
+                found[bucket] = cached
+            elif _id is not None:
+                wanted[_home(self._raw, level, bucket)][_id] = bucket
+        for name, by_id in wanted.items():
+            with pymongo.timeout(STEP_SECONDS):
+                for document in self._raw.database[name].find({"_id": {"$in": list(by_id)}}):
+                    found[by_id[document["_id"]]] = document
+        return {bucket: found.get(bucket) or {"round": 0, "parts": ""} for bucket in ids}
+
+    def _write_minutes(self, number, minutes, hours):
+        """Write a new version of each minute the round touches (inserts only: a version is never
+        changed, and the one it replaces is deleted after the round); {minute: round of its
+        version}, for the hours to name."""
+        named = {}
+        for hour, document in hours.items():
+            for offset, version in _decode_versions(document.get("minutes", "")).items():
+                minute = hour * MINUTES_PER_HOUR + offset
+                named[minute] = f"{_aggregate_id(0, minute)}:{version}"
+        current = self._current(0, {minute: named.get(minute) for minute in minutes})
+        versions, by_home = {}, collections.defaultdict(list)
+        for minute, parts in minutes.items():
+            before = current[minute]
+            if before["round"] >= number:  # written by this round's first attempt
+                versions[minute] = before["round"]
+                continue
+            merged = _decode_parts(before["parts"])
+            for offset, counts in parts.items():
+                _add(merged.setdefault(offset, [0] * STATUSES), counts)
+            fragments = _decode_fragments(before.get("fragments", ""))
+            for offset in parts:
+                fragments.setdefault(offset, []).append(str(number))
+            if max(map(len, fragments.values())) > MAX_FRAGMENTS_PER_SECOND:
+                fragments = self._compact(number, minute, fragments)
+            document = {"_id": f"{_aggregate_id(0, minute)}:{number}", "round": number,
+                        "parts": _encode_parts(merged), "fragments": _encode_fragments(fragments)}
+            home = _home(self._raw, 0, minute)
+            by_home[home].append(document)
+            if "_id" in before:
+                self._superseded.append((home, [before["_id"]]))
+            versions[minute] = number
+            self._remember(0, minute, document)
+        for home, documents in by_home.items():
+            if not self._still_holds():
+                raise _LeaseLost()
+            try:
+                with pymongo.timeout(STEP_SECONDS):
+                    self._raw.database[home].insert_many(documents, ordered=False)
+            except BulkWriteError as error:  # written by the round's first attempt
+                if any(e["code"] != DUPLICATE_KEY for e in error.details["writeErrors"]):
+                    raise
+        return versions
+
+    def _merge(self, number, level, bucket, parts, current, versions=None):
         if current["round"] >= number:
+            self._remember(level, bucket, current)
             return  # done by this round's first attempt
         merged = _decode_parts(current["parts"])
         for offset, counts in parts.items():
             _add(merged.setdefault(offset, [0] * STATUSES), counts)
         document = {"round": number, "parts": _encode_parts(merged)}
-        if level == 0:
-            fragments = _decode_fragments(current.get("fragments", ""))
-            for offset in parts:
-                fragments.setdefault(offset, []).append(str(number))
-            if max(map(len, fragments.values())) > MAX_FRAGMENTS_PER_SECOND:
-                fragments = self._compact(number, bucket, fragments)
-            document["fragments"] = _encode_fragments(fragments)
-        home.replace_one({"_id": _id}, document, upsert=True)
+        if versions is not None:
+            document["minutes"] = _encode_versions({**_decode_versions(current.get("minutes", "")), **versions})
+        self._raw.database[_home(self._raw, level, bucket)].replace_one(
+            {"_id": _aggregate_id(level, bucket)}, document, upsert=True)
+        self._remember(level, bucket, document)
+
+    def _remember(self, level, bucket, document):
         self._cache[(level, bucket)] = document
         while len(self._cache) > CACHED:
             self._cache.popitem(last=False)
@@ -733,7 +809,7 @@ class Folder:
     def _compact(self, number, minute, fragments):
         """Merge every fragment of a minute into one, tagged "<round>c"; the others are deleted
         in the next round, once no reader can still be reading the minute document that named them."""
-        home = _fragments_home(self._raw, minute)
+        home = self._raw.database[_fragments_home(self._raw, minute)]
         tags = sorted({tag for tags in fragments.values() for tag in tags})
         entries = []
         for tag in tags:
@@ -957,15 +1033,15 @@ class _Snapshot:
         return answers
 
     def _fetch(self, keys):
-        """The aggregates of `keys` ((level, bucket)): minutes one by one, the rest one query per
-        collection. On FerretDB one _id is filtered in SQL, which reads the rows before the match;
-        several cost a pass that decodes every document: cheap in the small collections of
-        hours, days and spans, not among a day's 1,440 minutes."""
+        """The aggregates of `keys` ((level, bucket)): the hours, days and spans one query per
+        collection (small collections), then each minute's version that its hour names, one by
+        one: on FerretDB one _id is filtered in SQL, reading the rows before the match, while
+        several cost a pass that decodes every document of a day's minutes."""
+        minutes = {bucket for level, bucket in keys if level == 0}
         by_home = collections.defaultdict(dict)
-        for level, bucket in keys:
-            name = _home(self._raw, level, bucket).name
-            by_home[(name, bucket) if level == 0 else (name,)][_aggregate_id(level, bucket)] = (level, bucket)
-        for (name, *_), ids in by_home.items():
+        for level, bucket in set(keys) - {(0, minute) for minute in minutes} | {(1, m // MINUTES_PER_HOUR) for m in minutes}:
+            by_home[_home(self._raw, level, bucket)][_aggregate_id(level, bucket)] = (level, bucket)
+        for name, ids in by_home.items():
             home = self._raw.database[name]
             found = ([home.find_one({"_id": next(iter(ids))})] if len(ids) == 1
                      else list(home.find({"_id": {"$in": list(ids)}})))
@@ -974,6 +1050,15 @@ class _Snapshot:
                     self._documents[ids[document["_id"]]] = document
             for key in ids.values():
                 self._documents.setdefault(key, {"round": 0, "parts": ""})
+        for minute in minutes:
+            hour = self._documents[(1, minute // MINUTES_PER_HOUR)]
+            version = _decode_versions(hour.get("minutes", "")).get(minute % MINUTES_PER_HOUR)
+            document = None
+            if version is not None:
+                document = self._raw.database[_home(self._raw, 0, minute)].find_one(
+                    {"_id": f"{_aggregate_id(0, minute)}:{version}"})
+                self._stale |= document is None  # replaced and deleted by a later round
+            self._documents[(0, minute)] = document or {"round": 0, "parts": ""}
 
     def _add_pending(self, counts, since_round, low_ms, high_ms):
         for by_status in (self._later, self._current) if since_round < self._round else (self._later,):
@@ -996,7 +1081,7 @@ class _Snapshot:
         second = low_ms // 1000
         minute = second // MINUTE
         document = self._documents[(0, minute)]
-        home = _fragments_home(self._raw, minute)
+        home = self._raw.database[_fragments_home(self._raw, minute)]
         low, high = low_ms - second * 1000, high_ms - second * 1000
         for tag in _decode_fragments(document.get("fragments", "")).get(second - minute * MINUTE, ()):
             fragment = home.find_one({"_id": f"f:{minute}:{tag}"})
