@@ -667,7 +667,10 @@ class Folder:
             with pymongo.timeout(STEP_SECONDS):
                 self._log.replace_one({"_id": "state"}, {"round": number, "records": [r["_id"] for r in records]},
                                       upsert=True)
-            for home, ids in self._superseded:  # a reader that saw them started before this round: it reads again
+            superseded = collections.defaultdict(list)  # one delete per collection: each costs a pass on FerretDB
+            for home, ids in self._superseded:
+                superseded[home].extend(ids)
+            for home, ids in superseded.items():  # a reader that saw them started before this round: it reads again
                 with pymongo.timeout(STEP_SECONDS):
                     self._raw.database[home].delete_many({"_id": {"$in": ids}})
             self._superseded = []
