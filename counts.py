@@ -106,6 +106,7 @@ MINUTE, HOUR, DAY, SPAN = 60, 3600, 86400, 32 * 86400  # seconds; each divides t
 LEVELS = (MINUTE, HOUR, DAY, SPAN)  # aggregate levels below `all`; a level's parts are buckets of the level below
 MINUTES_PER_HOUR = HOUR // MINUTE
 LAYOUT = 2  # the layout below; 1 kept counts per second in hour documents
+LAYOUT_RECHECK_SECONDS = 5  # a reader checks the layout again after this; a rebuild waits it out
 TOP = len(LEVELS)
 # timestamp() is the exact count of microseconds divided by 10**6, correctly rounded. While
 # a float's spacing is at most 1 µs (below 2**33 s, years 1698..2242) that rounding cannot
@@ -188,11 +189,13 @@ class OldLayout(Exception):
 def check_layout(collection):
     """Raise OldLayout unless the counts of `collection` are in LAYOUT or there are none yet.
     Raises PyMongoError when the store does not answer."""
-    found = {document["_id"]: document for document in
-             _collections(collection)[1].find({"_id": {"$in": ["layout", "all"]}})}
-    layout = found.get("layout")
-    if layout is None and "all" not in found:
-        return  # nothing folded yet: the folder writes the marker before its first round
+    log, aggregates = _collections(collection)
+    # The state first: a folder writes the marker before its first round's state, so a store
+    # without the marker is a new one only if it has no state either.
+    state = log.find_one({"_id": "state"}, {"_id": 1})
+    layout = aggregates.find_one({"_id": "layout"})
+    if layout is None and state is None:
+        return  # nothing folded yet
     if layout is None or layout.get("version") != LAYOUT:
         raise OldLayout(f"the counts of {collection.full_name} were kept by an earlier version: stop server.py "
                         f"and run `python server.py --rebuild-counts` to keep them again from the stored messages")
@@ -201,14 +204,28 @@ def check_layout(collection):
                         f"(`python server.py --rebuild-counts`, which can be run again if it was interrupted)")
 
 
-def rebuild(collection, chunk=50_000):
+def rebuild(collection, chunk=50_000, wait_seconds=2 * LEASE_SECONDS + QUIET_SECONDS):
     """Keep the counts of `collection` again, from its raw documents; returns how many it counted.
 
     For a store whose counts an earlier version kept (OldLayout). Run it while no server.py writes
     to this collection: it drops the counts and reads every raw document (minutes for millions on
-    FerretDB); if interrupted, run it again. Readers get OldLayout until it has recorded them all."""
+    FerretDB, and a list of two ints per document in memory); if interrupted, run it again.
+    Readers get OldLayout until it has recorded and folded them all. Raises OldLayout when a
+    folder still holds a lease after `wait_seconds` (a server.py stopped just now lets it lapse)."""
     database, (log, aggregates) = collection.database, _collections(collection)
+    deadline, waiting = time.time() + wait_seconds, False
+    while True:
+        now = int(time.time() // LEASE_SECONDS)
+        if not log.find_one({"_id": {"$in": [f"lease:{slot}" for slot in range(now, now + LEASE_WINDOW + 3)]}}):
+            break
+        if time.time() > deadline:
+            raise OldLayout(f"a server.py is folding the counts of {collection.full_name}: stop every server.py first")
+        if not waiting:
+            LOG.info("waiting for the lease of a folder to lapse (a server.py stopped just now, or one still running)")
+            waiting = True
+        time.sleep(1)
     aggregates.replace_one({"_id": "layout"}, {"version": LAYOUT, "rebuilding": True}, upsert=True)
+    time.sleep(LAYOUT_RECHECK_SECONDS + 1)  # readers that checked the layout before see it now
     for name in database.list_collection_names():
         if name.startswith(f"{collection.name}_counts_"):
             database.drop_collection(name)
@@ -220,11 +237,11 @@ def rebuild(collection, chunk=50_000):
     for first in range(0, len(stored), chunk):
         entries = [(value >> 3, value & 7) for value in stored[first:first + chunk]]
         log.insert_one({"_id": f"c:rebuilt-{first}", "entries": _encode_entries(entries)})
-    aggregates.replace_one({"_id": "layout"}, {"version": LAYOUT}, upsert=True)
-    folder = Folder(collection)  # folded now, so that the first counts after it are as fast as any
+    folder = Folder(collection, rebuilding=True)  # folded before readers are let in, or each would decode them all
     while any(record["_id"].startswith("c:") for record in log.find({}, {"_id": 1})):
         if not folder.fold_once():
-            time.sleep(FOLD_INTERVAL_SECONDS)  # another folder holds the lease: a server.py started meanwhile
+            time.sleep(FOLD_INTERVAL_SECONDS)  # the end of a lease slot
+    aggregates.replace_one({"_id": "layout"}, {"version": LAYOUT}, upsert=True)
     return len(stored)
 
 
@@ -520,7 +537,7 @@ class Folder:
     """
 
     def __init__(self, collection, recover_after=RECOVER_AFTER_SECONDS, dead_owner_grace=DEAD_OWNER_GRACE_SECONDS,
-                 clock=time.time):
+                 clock=time.time, rebuilding=False):
         self._raw = collection
         self._log, self._aggregates = _collections(collection)
         self._recover_after, self._dead_owner_grace = recover_after, dead_owner_grace
@@ -534,7 +551,9 @@ class Folder:
         self._found_lock = threading.Lock()
         self._ended_since = {}  # open batch -> when seen its writer dead or named given up (monotonic)
         self._superseded = []  # (collection, [fragment ids]) merged by the last round
-        self._layout_ok, self._layout_error = False, None
+        self._rebuilding = rebuilding  # the folder of rebuild(): it folds while the marker says "rebuilding"
+        self._layout_ok, self._layout_error = rebuilding, None
+        self._renewed_at = float("-inf")  # on self._clock: when a round last claimed the lease's next slot
         # The aggregates this folder wrote while it held the lease without a break: only it writes
         # them then, so a round need not read them again (the newest CACHED).
         self._cache = collections.OrderedDict()
@@ -564,6 +583,7 @@ class Folder:
             self._slots.add(candidate)
             if candidate - 1 not in self._slots:
                 self._cache.clear()
+                self._layout_ok = self._rebuilding  # checked again: a rebuild may have run meanwhile
                 before = [number for number, folder in leases.items() if number < candidate and folder != self._name]
                 if before:  # the folder before may still have a write in flight
                     self._quiet_until = max(self._quiet_until, (max(before) + 1) * LEASE_SECONDS + QUIET_SECONDS)
@@ -581,6 +601,15 @@ class Folder:
         slot = int(now // LEASE_SECONDS)
         return ((quiet_or_not or now >= self._quiet_until) and slot in self._slots
                 and (now < (slot + 1) * LEASE_SECONDS - 1 or slot + 1 in self._slots))
+
+    def _renewing(self):
+        """_still_holds() within a long round (a backlog spread over days touches thousands of
+        minutes), claiming the next slot as it comes, as a round's start does."""
+        if self._clock() - self._renewed_at >= 1:
+            with pymongo.timeout(STEP_SECONDS):
+                self._holds_lease()
+            self._renewed_at = self._clock()
+        return self._still_holds()
 
     # rounds -----------------------------------------------------------------
 
@@ -677,6 +706,7 @@ class Folder:
         try:
             self._apply(number, records)
         except _LeaseLost:
+            self._cache.clear()  # what the round cut short wrote or not is read again
             return False
         if not self._still_holds():
             return False
@@ -724,7 +754,7 @@ class Folder:
         for level, buckets in enumerate(level_parts[1:], start=1):
             current = hours if level == 1 else self._current(level, {b: _aggregate_id(level, b) for b in buckets})
             for bucket, parts in buckets.items():
-                if not self._still_holds():
+                if not self._renewing():
                     raise _LeaseLost()
                 with pymongo.timeout(STEP_SECONDS):
                     self._merge(number, level, bucket, parts, current[bucket],
@@ -737,7 +767,7 @@ class Folder:
         found, wanted = {}, collections.defaultdict(dict)
         for bucket, _id in ids.items():
             cached = self._cache.pop((level, bucket), None)
-            if cached is not None:
+            if cached is not None and (level > 0 or cached["_id"] == _id):  # a minute: the version its hour names
                 found[bucket] = cached
             elif _id is not None:
                 wanted[_home(self._raw, level, bucket)][_id] = bucket
@@ -745,6 +775,8 @@ class Folder:
             with pymongo.timeout(STEP_SECONDS):
                 for document in self._raw.database[name].find({"_id": {"$in": list(by_id)}}):
                     found[by_id[document["_id"]]] = document
+        if level == 0 and any(bucket not in found for by_id in wanted.values() for bucket in by_id.values()):
+            raise RuntimeError("a minute version that its hour names is missing")  # never deleted while named
         return {bucket: found.get(bucket) or {"round": 0, "parts": ""} for bucket in ids}
 
     def _write_minutes(self, number, minutes, hours):
@@ -778,9 +810,8 @@ class Folder:
             if "_id" in before:
                 self._superseded.append((home, [before["_id"]]))
             versions[minute] = number
-            self._remember(0, minute, document)
         for home, documents in by_home.items():
-            if not self._still_holds():
+            if not self._renewing():
                 raise _LeaseLost()
             try:
                 with pymongo.timeout(STEP_SECONDS):
@@ -788,6 +819,8 @@ class Folder:
             except BulkWriteError as error:  # written by the round's first attempt
                 if any(e["code"] != DUPLICATE_KEY for e in error.details["writeErrors"]):
                     raise
+            for document in documents:  # only once written: a round cut short must not take one as done
+                self._remember(0, int(document["_id"].split(":")[1]), document)
         return versions
 
     def _merge(self, number, level, bucket, parts, current, versions=None):
@@ -815,14 +848,18 @@ class Folder:
         home = self._raw.database[_fragments_home(self._raw, minute)]
         tags = sorted({tag for tags in fragments.values() for tag in tags})
         entries = []
-        for tag in tags:
-            fragment = home.find_one({"_id": f"f:{minute}:{tag}"})
-            entries.extend(_decode_all_seconds(fragment["entries"] if fragment else ""))
+        with pymongo.timeout(STEP_SECONDS):
+            found = {f["_id"]: f["entries"] for f in home.find({"_id": {"$in": [f"f:{minute}:{tag}" for tag in tags]}})}
+        if len(found) < len(tags):
+            raise RuntimeError("a fragment that its minute names is missing")  # never deleted while named
+        for entries_text in found.values():
+            entries.extend(_decode_all_seconds(entries_text))
         if len(entries) > MAX_COMPACTED_ENTRIES:
             return fragments  # one merged fragment would be too big: the minute keeps its fragments
         merged = f"{number}c"
         try:
-            home.insert_one({"_id": f"f:{minute}:{merged}", "entries": _encode_seconds(sorted(entries))})
+            with pymongo.timeout(STEP_SECONDS):
+                home.insert_one({"_id": f"f:{minute}:{merged}", "entries": _encode_seconds(sorted(entries))})
         except DuplicateKeyError:
             pass  # written by this round's first attempt, from the same fragments
         self._superseded.append((home.name, [f"f:{minute}:{tag}" for tag in tags]))
@@ -930,13 +967,13 @@ def series(collection, start, end, step_seconds):
     return [(low, high, answer) for (low, high), answer in zip(ranges, _read(collection, ranges))]
 
 
-_LAYOUT_CHECKED = set()  # collections (full names) whose counts this process found in LAYOUT
+_LAYOUT_CHECKED = {}  # collection (full name) -> when this process last found its counts in LAYOUT (monotonic)
 
 
 def _read(collection, ranges):
-    if collection.full_name not in _LAYOUT_CHECKED:
+    if time.monotonic() - _LAYOUT_CHECKED.get(collection.full_name, float("-inf")) > LAYOUT_RECHECK_SECONDS:
         check_layout(collection)
-        _LAYOUT_CHECKED.add(collection.full_name)
+        _LAYOUT_CHECKED[collection.full_name] = time.monotonic()
     for _ in range(READ_ATTEMPTS):
         answers = _Snapshot(collection).counts(ranges)
         if answers is not None:

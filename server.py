@@ -314,8 +314,12 @@ class StatusServer:
                     self._collection.database.command("ping")
                 with pymongo.timeout(config.MONGO_STARTUP_TIMEOUT_SECONDS):
                     create_indexes(self._collection)
+                    counts.check_layout(self._collection)
                 self._metrics.mongodb_up.set(1)
                 return
+            except counts.OldLayout as error:  # its batches would be counted twice by the rebuild
+                LOG.error("not consuming: %s", error)
+                sys.exit(1)
             except PyMongoError as error:
                 self._metrics.mongodb_up.set(0)
                 failing_since = failing_since or attempt_started

@@ -371,6 +371,42 @@ def test_a_thirty_day_count_reads_a_few_small_documents(database):
     assert lookups <= 16, lookups
 
 
+class FolderLosingLease(counts.Folder):
+    """A folder whose round finds its lease lost at the `check`th check, and which keeps the lease
+    for the next round (the same process, its slot renewed in time)."""
+
+    def __init__(self, collection, check):
+        super().__init__(collection)
+        self._checks_left = check
+
+    def _renewing(self):
+        self._checks_left -= 1
+        return self._checks_left != 0 and super()._renewing()
+
+
+@pytest.mark.parametrize("check", [1, 2, 3, 4])
+def test_a_round_cut_short_and_finished_by_the_same_folder_is_exact(database, check):
+    """Cut before a day's minute versions are inserted, after them, or between hours: what the
+    folder remembers of the round cut short must not pass for written."""
+    collection = database["status"]
+    writer = counts.BatchWriter(collection)
+    moments = [BASE + timedelta(seconds=seconds) for seconds in (1.5, 2.5, 3600 * 30 + 7.25, 86400 * 3 + 61.5)]
+    writer.write([{"_id": f"a{i}", "status": i % 7, "timestamp": moment} for i, moment in enumerate(moments)])
+    folder = FolderLosingLease(collection, check=0)
+    wait_until(folder.fold_once, what="the first round")
+    writer.write([{"_id": f"b{i}", "status": (i + 3) % 7, "timestamp": moment + timedelta(milliseconds=250)}
+                  for i, moment in enumerate(moments)])
+    folder._checks_left = check
+    assert folder.fold_once() is False  # cut short
+    wait_until(folder.fold_once, what="the round finished by the same folder")
+    writer.write([{"_id": "c", "status": 6, "timestamp": moments[0] + timedelta(milliseconds=1)}])
+    wait_until(folder.fold_once, what="a round over the same minute")
+    for start, end in [(BASE, BASE + timedelta(days=4)), (BASE + timedelta(seconds=1), BASE + timedelta(seconds=4)),
+                       (moments[2] - timedelta(milliseconds=1), moments[2] + timedelta(seconds=1)),
+                       (moments[3], moments[3] + timedelta(milliseconds=251))]:
+        assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end), (start, end)
+
+
 def test_counts_kept_in_an_earlier_layout_are_refused_until_rebuilt_from_the_stored_messages(database, caplog):
     """An upgrade over counts an earlier version kept: readers and folders refuse them, naming the
     command; `rebuild` counts every stored message, those of versions that kept no records included."""
@@ -394,11 +430,22 @@ def test_counts_kept_in_an_earlier_layout_are_refused_until_rebuilt_from_the_sto
     clock.offset += (counts.LEASE_WINDOW + 1) * counts.LEASE_SECONDS  # the first folder's lease has run out
     assert counts.Folder(collection, clock=clock).fold_once() is False
     assert "--rebuild-counts" in caplog.text
+    database["status_counts_log"].delete_many({"_id": {"$regex": "^lease:"}})  # those servers stopped a while ago
     assert counts.rebuild(collection, chunk=64) == 370
     counts.check_layout(collection)
     for start, end in [(BASE - timedelta(days=3), BASE + timedelta(days=3)), (moment(-86_399_999), moment(7_777)),
                        (moment(-61_000), moment(59_001)), (moment(1), moment(999))]:
         assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end)
+
+
+def test_a_rebuild_is_refused_while_a_server_folds(database):
+    collection = database["status"]
+    counts.BatchWriter(collection).write([{"_id": "m", "status": 3, "timestamp": BASE}])
+    folder = counts.Folder(collection)
+    wait_until(folder.fold_once, what="a round")
+    with pytest.raises(counts.OldLayout, match="stop every server.py"):
+        counts.rebuild(collection, wait_seconds=0)
+    counts.check_layout(collection)  # untouched
 
 
 def test_an_interrupted_rebuild_is_refused_until_run_again(database):

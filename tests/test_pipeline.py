@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 import pika
 import pytest
 
+import counts
 from conftest import ROOT, wait_until
 
 
@@ -159,3 +160,28 @@ def test_bad_setting_stops_the_program_with_one_line_naming_it(script, variable,
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0
     assert result.stderr.startswith(f"config error: {variable}=")
+
+
+def test_an_upgrade_over_counts_of_an_earlier_layout_is_refused_until_rebuilt(pipeline, app_for):
+    """server.py refuses to consume into counts it cannot fold, naming the command; the
+    command keeps them again from the stored messages; then everything answers exactly."""
+    server = pipeline.start_server()
+    pipeline.run_client("--count", 300, "--interval", 0)
+    pipeline.wait_stored(300)
+    pipeline.stop(server)
+    pipeline.database["status_counts"].delete_one({"_id": "layout"})  # as an earlier version left them
+    refused = pipeline.start("server.py")
+    assert refused.wait(60) == 1
+    assert "python server.py --rebuild-counts" in pipeline.log(refused)
+    rebuild = pipeline.start("server.py", "--rebuild-counts")
+    assert rebuild.wait(120) == 0, pipeline.log(rebuild)
+    assert "counted 300 stored messages" in pipeline.log(rebuild)
+    pipeline.start_server()
+    pipeline.run_client("--count", 50, "--interval", 0)
+    pipeline.wait_stored(350)
+    expected = {str(status): count for status, count in enumerate(counts.raw_counts(
+        pipeline.collection, datetime(2000, 1, 1, tzinfo=timezone.utc), datetime(2100, 1, 1, tzinfo=timezone.utc)))}
+    client_app = app_for(pipeline).test_client()
+    wait_until(lambda: client_app.get("/status-count?start=2000-01-01T00:00:00Z&end=2100-01-01T00:00:00Z")
+               .get_json().get("counts") == expected, what="the API to count all 350")
+    assert sum(expected.values()) == 350
