@@ -730,12 +730,7 @@ class Folder:
             by_home.setdefault(_fragments_home(self._raw, minute), []).append(
                 {"_id": f"f:{minute}:{number}", "entries": _encode_seconds(sorted(entries))})
         for home, documents in by_home.items():
-            try:
-                with pymongo.timeout(STEP_SECONDS):
-                    self._raw.database[home].insert_many(documents, ordered=False)
-            except BulkWriteError as error:  # written by the round's first attempt
-                if any(e["code"] != DUPLICATE_KEY for e in error.details["writeErrors"]):
-                    raise
+            self._insert_once(home, documents)
         level_parts = [minutes]
         for level in range(1, TOP + 1):  # each level's parts are the totals of the level below
             child_size = LEVELS[level - 1]
@@ -760,6 +755,15 @@ class Folder:
                     self._merge(number, level, bucket, parts, current[bucket],
                                 {minute % MINUTES_PER_HOUR: versions[minute] for minute in versions
                                  if minute // MINUTES_PER_HOUR == bucket} if level == 1 else None)
+
+    def _insert_once(self, home, documents):
+        """Insert documents a round writes whole: those already there are the round's first attempt's."""
+        try:
+            with pymongo.timeout(STEP_SECONDS):
+                self._raw.database[home].insert_many(documents, ordered=False)
+        except BulkWriteError as error:
+            if any(e["code"] != DUPLICATE_KEY for e in error.details["writeErrors"]):
+                raise
 
     def _current(self, level, ids):
         """{bucket: its current document} for {bucket: _id} of one level: from the cache, or one
@@ -813,12 +817,7 @@ class Folder:
         for home, documents in by_home.items():
             if not self._renewing():
                 raise _LeaseLost()
-            try:
-                with pymongo.timeout(STEP_SECONDS):
-                    self._raw.database[home].insert_many(documents, ordered=False)
-            except BulkWriteError as error:  # written by the round's first attempt
-                if any(e["code"] != DUPLICATE_KEY for e in error.details["writeErrors"]):
-                    raise
+            self._insert_once(home, documents)
             for document in documents:  # only once written: a round cut short must not take one as done
                 self._remember(0, int(document["_id"].split(":")[1]), document)
         return versions
