@@ -56,17 +56,21 @@ Why every answer is exact once the batches in flight are acknowledged:
 2. Rounds. The folder folds the records present at the start of round n: it first writes
    the state {round: n, records}, then adds those records into every aggregate they touch
    that is stamped with a round below n, stamping it n (fragments first), and then deletes
-   their intents and them. A round cut short is finished with the same records by the next
-   folder, since the state names them and the stamps tell what is done. So an aggregate
-   stamped r holds exactly the records of rounds up to r that touch it, and a record still
-   in the log is in no aggregate unless its round is the state's current one.
+   their intents and them. A minute is not rewritten: the round inserts its version n, the
+   version before plus the records, and then its hour names version n; the version before
+   is deleted when the next round begins, once no hour names it. A round cut short is
+   finished with the same records by the next folder (or by the same one, which then trusts
+   nothing it had not written), since the state names them and the stamps tell what is done;
+   a version inserted again is the same one. So an aggregate stamped r holds exactly the
+   records of rounds up to r that touch it, and a record still in the log is in no
+   aggregate unless its round is the state's current one.
 3. Reads. A reader reads the log (state and records in one query), then the aggregates it
    needs. Each piece of the range is answered by one aggregate X and by the logged records
    that X does not hold yet: those not in the state's round, or in it while X's round is
    below it. A record folded and deleted before the log was read is in X (X is read after
    it). A round that began after the log was read can only make this wrong by having
-   written X first, which X's round then shows, or by having deleted a fragment X names;
-   the reader starts over in either case.
+   written X first, which X's round then shows, or by having deleted a fragment or a minute
+   version that what the reader read names; the reader starts over in either case.
 4. Leases. One folder at a time holds the lease of a time slot, claimed with a unique
    insert, and writes only within the slot it holds; one that takes over from another,
    or whose write failed, first waits out QUIET_SECONDS, the deadline of any write still

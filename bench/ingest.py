@@ -26,6 +26,7 @@ import os
 import platform
 import random
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -37,8 +38,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = uuid.uuid4().hex[:8]
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# A free port for server.py's metrics too: a server.py already running holds the default one.
 os.environ.update(EXCHANGE=f"bench_exchange_{RUN}", QUEUE=f"bench_queue_{RUN}", MONGO_DB=f"bench_{RUN}",
-                  ROUTING_KEY="status_topic")
+                  ROUTING_KEY="status_topic", METRICS_PORT=str(free_port()))
 sys.path.insert(0, str(ROOT))
 
 import pika  # noqa: E402

@@ -25,7 +25,6 @@ import itertools
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import ingest  # sets this run's exchange, queue and database names before config is read
-from ingest import ROOT, ServerProcess, connect, store_name
+from ingest import ROOT, ServerProcess, connect, free_port, store_name
 
 import pymongo  # noqa: E402
 
@@ -169,12 +168,6 @@ def one_pass(collection, ranges):
         low, high = counts.epoch_ms(start), counts.epoch_ms(end)
         answers.append([bisect.bisect_left(values, high) - bisect.bisect_left(values, low) for values in times])
     return sum(map(len, times)), answers
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_api(log_name):
