@@ -3,6 +3,10 @@
     python client.py                       # a random status every second until Ctrl-C
     python client.py --interval 0 --count 100000
 
+With --count on a terminal, a progress bar of confirmed messages shows on stderr in place
+of the line per confirmed message (--no-progress turns it off); into a file or a pipe the
+client logs exactly as without it.
+
 Every message is persistent, carries a UUID message_id, and is published with
 publisher confirms and the mandatory flag. Up to --window messages wait for
 their confirm at once, so confirms cost no round trip per message. On a lost
@@ -30,6 +34,8 @@ from datetime import datetime, timezone
 import paho.mqtt.client as mqtt
 import pika
 from pika.exceptions import ChannelClosedByBroker, ProbableAccessDeniedError, ProbableAuthenticationError
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import config
 from messages import DEVICE_ID, DEVICE_ID_RULE
@@ -47,13 +53,55 @@ def make_message(status, device_id=None):
     return message_id, json.dumps(fields).encode()
 
 
+class ConfirmProgress:
+    """A progress bar on stderr: confirmed messages out of `total`, their rate (messages/s),
+    and the unconfirmed (and refused, if any) count.
+
+    update() is called from the thread that sees confirms, once per confirm batch; between
+    redraws, at most every `interval` seconds, it costs one clock reading, so the bar does
+    not slow publishing. Calls from two threads at once are safe: the one that finds the
+    bar busy skips its redraw, as the next one shows its confirms too.
+    """
+
+    def __init__(self, total, interval=0.2):
+        # miniters=0: redraw when update() asks, even with no new confirm (unconfirmed changed).
+        self._bar = tqdm(total=total, desc="confirmed", unit="msg", file=sys.stderr, dynamic_ncols=True,
+                         mininterval=0, miniters=0)
+        self._interval = interval
+        self._next_redraw = 0.0
+        self._lock = threading.Lock()
+
+    def update(self, publisher, final=False):
+        now = time.monotonic()
+        if (now < self._next_redraw and not final) or not self._lock.acquire(blocking=final):
+            return
+        try:
+            self._next_redraw = now + self._interval
+            postfix = {"unconfirmed": publisher.unconfirmed}
+            if publisher.refused:
+                postfix["refused"] = publisher.refused
+            self._bar.set_postfix(postfix, refresh=False)
+            self._bar.update(publisher.confirmed - self._bar.n)
+        finally:
+            self._lock.release()
+
+    def close(self, publisher):
+        self.update(publisher, final=True)
+        self._bar.close()
+
+
 class AmqpPublisher:
     """Publishes with a window of unconfirmed messages over pika's asynchronous connection.
 
     `messages` is an iterator of (message_id, status, body) to publish instead of random
     statuses timestamped now (a replay of buffered readings, for one); publishing ends when
-    it runs out or `count` messages were taken from it, whichever comes first.
+    it runs out or `count` messages were taken from it, whichever comes first. `progress`, a
+    ConfirmProgress or None, is told of each confirm batch; each confirmed message is logged
+    at `confirm_log_level`.
     """
+
+    progress = None
+    confirm_log_level = logging.INFO
 
     def __init__(self, amqp_url, count, interval, window, device_id, give_up_seconds, messages=None):
         self._parameters = pika.URLParameters(amqp_url)
@@ -244,7 +292,9 @@ class AmqpPublisher:
             else:
                 self.confirmed += 1
                 self._delay = 1.0  # a healthy connection resets the backoff
-                LOG.info("confirmed status=%d message_id=%s", status, message_id)
+                LOG.log(self.confirm_log_level, "confirmed status=%d message_id=%s", status, message_id)
+        if self.progress:
+            self.progress.update(self)
         self._publish_more()
 
     def _close_when_finished(self):
@@ -257,7 +307,11 @@ class MqttPublisher:
 
     MQTT 3.1.1 has no message properties, so the message_id travels in the body. paho keeps
     up to --window messages in flight and resends unacknowledged ones after a reconnect.
+    `progress` and `confirm_log_level` as for AmqpPublisher; PUBACKs arrive one by one.
     """
+
+    progress = None
+    confirm_log_level = logging.INFO
 
     def __init__(self, count, interval, window, device_id, qos, give_up_seconds):
         self._remaining = count
@@ -371,7 +425,9 @@ class MqttPublisher:
 
     def _confirmed(self, message):
         self.confirmed += 1
-        LOG.info("confirmed status=%d message_id=%s", message[1], message[0])
+        LOG.log(self.confirm_log_level, "confirmed status=%d message_id=%s", message[1], message[0])
+        if self.progress:
+            self.progress.update(self)
 
 
 def main(argv=None):
@@ -384,6 +440,10 @@ def main(argv=None):
     parser.add_argument("--window", type=int, default=1000, help="messages awaiting confirm at once")
     parser.add_argument("--give-up", type=float, default=120.0, help="seconds without RabbitMQ before giving up")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar: otherwise, with --count on a terminal (stderr), a bar of confirmed "
+                             "messages, their rate and the unconfirmed count stands for the line per confirmed "
+                             "message (--log-level DEBUG shows those too); logs and pipes never get a bar")
     args = parser.parse_args(argv)
     if args.count is not None and args.count < 0 or args.interval < 0 or args.window < 1:
         parser.error("--count, --interval must not be negative and --window must be at least 1")
@@ -401,7 +461,17 @@ def main(argv=None):
     signal.signal(signal.SIGINT, publisher.stop)
     signal.signal(signal.SIGTERM, publisher.stop)
     started = time.monotonic()
-    publisher.run()
+    # Logs and pipes (what tests and benchmarks read) get every line and no bar, as without one.
+    if args.count and not args.no_progress and sys.stderr.isatty():
+        publisher.confirm_log_level = logging.DEBUG  # thousands of lines a second would bury the bar
+        with logging_redirect_tqdm():  # other lines print above the bar, not through it
+            publisher.progress = ConfirmProgress(args.count)
+            try:
+                publisher.run()
+            finally:
+                publisher.progress.close(publisher)
+    else:
+        publisher.run()
     elapsed = time.monotonic() - started
     LOG.info("done: %d published, %d confirmed, %d refused, %d unconfirmed in %.1fs (%.0f/s)",
              publisher.published, publisher.confirmed, publisher.refused, publisher.unconfirmed,
