@@ -113,7 +113,7 @@ def test_every_json_operation_answered_200_to_some_request():
     assert ANSWERED["GET /status-count"][400] > 0 and ANSWERED["GET /status-series"][400] > 0, dict(ANSWERED)
 
 
-def test_the_document_names_every_route_and_nothing_else():
+def test_the_document_is_valid_openapi_3_1_and_names_every_route_and_nothing_else():
     app = create_app({"TESTING": True, "MONGO_URI": "mongodb://127.0.0.1:9/"})  # no request reaches it
     try:
         client = app.test_client()
@@ -126,5 +126,6 @@ def test_the_document_names_every_route_and_nothing_else():
         documented = {(path, method.upper()) for path, item in document["paths"].items() for method in item}
         assert routes == documented
         assert document["openapi"] == "3.1.0"
+        schemathesis.openapi.from_dict(document).validate()  # against the OpenAPI 3.1 meta-schema
     finally:
         app.extensions["mongo"].close()
