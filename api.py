@@ -5,6 +5,7 @@
     curl 'localhost:5000/status-count?start=2026-11-27T00:00:00Z&end=2026-11-28T00:00:00Z'
     curl 'localhost:5000/status-series?start=2026-11-27T00:00:00Z&end=2026-11-28T00:00:00Z&step=1h'
     curl 'localhost:5000/metrics'      # Prometheus text format
+    curl 'localhost:5000/openapi.json' # the OpenAPI 3.1 document of every route: openapi.json
 """
 
 import importlib.metadata
@@ -35,6 +36,9 @@ HEALTH_COLLECTION = "health"
 # The dashboard's chart library: the plotly.js bundle inside the plotly wheel (pinned in
 # requirements.txt), served from where pip put it, so that the page needs nothing but this API.
 PLOTLY_JS = Path(importlib.metadata.distribution("plotly").locate_file("plotly/package_data/plotly.min.js"))
+# The OpenAPI 3.1 document of every route below, kept by hand beside this file; tests/test_openapi.py
+# checks that it names every route and fuzzes the API against it.
+OPENAPI_DOCUMENT = Path(__file__).with_name("openapi.json")
 
 
 class BadRequest(ValueError):
@@ -86,6 +90,10 @@ def create_app(test_config=None):
     @app.get("/plotly.min.js")
     def plotly_js():
         return send_file(PLOTLY_JS, mimetype="text/javascript")
+
+    @app.get("/openapi.json")
+    def openapi():
+        return send_file(OPENAPI_DOCUMENT, mimetype="application/json")
 
     @app.get("/status-count")
     def status_count():
