@@ -4,34 +4,33 @@ Three roles, one per class:
 - `BatchWriter` (server.py's writer threads) stores a batch of messages and records the
   counts of the documents that batch created, using inserts only;
 - `Folder` (one per database at a time, in server.py) folds those records into small
-  per-minute, per-hour, per-day, per-32-day and overall documents;
-- `count` and `series` (api.py) answer [start, end) from those documents plus the records not
-  yet folded, reading a dozen small documents by _id and never the raw collection.
+  per-hour, per-day, per-32-day and overall documents;
+- `count` (api.py) answers [start, end) from those documents plus the records not yet
+  folded, reading a dozen small documents by _id and never the raw collection.
 
-Layout (LAYOUT 2), for raw collection `status` (`<c>` below); the number of collections is
-fixed but for three per day of data:
+Layout, for raw collection `status` (`<c>` below); the number of collections is fixed
+but for two per day of data:
 - `<c>_counts_log`: per batch an intent `{_id: "i:<batch>", owner[, abandoned]}`, inserted before
   the raw insert, and a record `{_id: "c:<batch>", entries}` of the documents the batch
   created (their millisecond times and statuses), inserted after it; `{_id: "state",
   round, records}`, the folder's current round; `lease:<slot>` documents that elect the
   one folder. Small: the folder deletes what it has folded.
-- `<c>_counts`: `{_id: "layout", version}`, and a document per day (counts per hour), per 32-day
-  span (counts per day) and `all` (counts per span), each `{_id, round, parts}`.
-- `<c>_counts_<YYYYMMDD>`: a document per hour of that day (counts per minute): small, and
-  read by most ranges and by every series by minutes.
-- `<c>_counts_<YYYYMMDD>_s`: a document per minute of that day, with counts per second and,
+- `<c>_counts`: `{_id: "layout", version}` (LAYOUT, written by server.py before it stores
+  anything), and a document per day (counts per hour), per 32-day span (counts per day) and
+  `all` (counts per span), each `{_id, round, parts}`.
+- `<c>_counts_<YYYYMMDD>`: a document per hour of that day, with counts per second and,
   per second, the tags of the fragments that hold that second's millisecond detail.
-- `<c>_counts_<YYYYMMDD>_ms`: the fragments `{_id: "f:<minute>:<tag>", entries}`: each
-  round's millisecond times and statuses within one minute, grouped by second (tag: the
-  round), or all of a minute's merged into one (tag: "<round>c") once a second is spread
+- `<c>_counts_<YYYYMMDD>_ms`: the fragments `{_id: "f:<hour>:<tag>", entries}`: each
+  round's millisecond times and statuses within one hour, grouped by second (tag: the
+  round), or all of an hour's merged into one (tag: "<round>c") once a second is spread
   over more than MAX_FRAGMENTS_PER_SECOND. Read only for a bound inside a second.
-Every raw document carries `batch`, the id of the batch that inserted it. A store whose counts
-an earlier version kept (no layout marker beside `all`) is refused, by readers and folders
-alike, until `rebuild` has kept them again from the raw documents.
+Every raw document carries `batch`, the id of the batch that inserted it. Stored messages
+without counts (an earlier version's), or counts in another layout, are refused by server.py,
+readers and folders alike, until `rebuild` has kept them again from the raw documents.
 
 The store is FerretDB 1.24 by default: it answers a lookup of one string _id from SQL,
-but its query does not use the _id index (it reads rows until the match, parsing each one's
-JSON); every other filter decodes every document of the collection; it has no transactions and no lock between an update's read and its write,
+but reads its whole table for that; every other filter decodes every document of the
+collection; it has no transactions and no lock between an update's read and its write,
 and one update command holds a connection of a 100-connection pool for each of its
 statements until the command ends (several concurrent multi-statement updates deadlock
 the database for good). Hence: the only atomic step used is an insert's unique _id;
@@ -56,36 +55,32 @@ Why every answer is exact once the batches in flight are acknowledged:
 2. Rounds. The folder folds the records present at the start of round n: it first writes
    the state {round: n, records}, then adds those records into every aggregate they touch
    that is stamped with a round below n, stamping it n (fragments first), and then deletes
-   their intents and them. A minute is not rewritten: the round inserts its version n, the
-   version before plus the records, and then its hour names version n; the version before
-   is deleted when the next round begins, once no hour names it. A round cut short is
-   finished with the same records by the next folder (or by the same one, which then trusts
-   nothing it had not written), since the state names them and the stamps tell what is done;
-   a version inserted again is the same one. So an aggregate stamped r holds exactly the
-   records of rounds up to r that touch it, and a record still in the log is in no
-   aggregate unless its round is the state's current one.
+   their intents and them. A round cut short is finished with the same records by the next
+   folder, since the state names them and the stamps tell what is done. So an aggregate
+   stamped r holds exactly the records of rounds up to r that touch it, and a record still
+   in the log is in no aggregate unless its round is the state's current one.
 3. Reads. A reader reads the log (state and records in one query), then the aggregates it
    needs. Each piece of the range is answered by one aggregate X and by the logged records
    that X does not hold yet: those not in the state's round, or in it while X's round is
    below it. A record folded and deleted before the log was read is in X (X is read after
    it). A round that began after the log was read can only make this wrong by having
-   written X first, which X's round then shows, or by having deleted a fragment or a minute
-   version that what the reader read names; the reader starts over in either case.
+   written X first, which X's round then shows, or by having deleted a fragment X names;
+   the reader starts over in either case.
 4. Leases. One folder at a time holds the lease of a time slot, claimed with a unique
    insert, and writes only within the slot it holds; one that takes over from another,
    or whose write failed, first waits out QUIET_SECONDS, the deadline of any write still
    in flight; and none claims a slot below one already claimed (the assumption: clocks
    agree to within a second).
-5. Rebuild. With no writer running, it marks the layout "rebuilding" (readers and folders
-   refuse), drops the log and every aggregate, records every raw document once, and only
-   then marks the layout done: an interrupted rebuild stays refused until run again.
+5. Rebuild. With no writer running (it waits out the last folder's lease), it marks the
+   layout "rebuilding" (readers, folders and server.py refuse), drops the log and every
+   aggregate, records every raw document once, folds them, and only then marks the layout
+   done: an interrupted rebuild stays refused until run again.
 Counts are never incremented in place, so no increment can be lost.
 """
 
 import array
 import bisect
 import collections
-import functools
 import logging
 import math
 import os
@@ -106,10 +101,9 @@ LOG = logging.getLogger("counts")
 
 STATUSES = len(messages.STATUSES)  # counts are lists indexed by status
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-MINUTE, HOUR, DAY, SPAN = 60, 3600, 86400, 32 * 86400  # seconds; each divides the next
-LEVELS = (MINUTE, HOUR, DAY, SPAN)  # aggregate levels below `all`; a level's parts are buckets of the level below
-MINUTES_PER_HOUR = HOUR // MINUTE
-LAYOUT = 2  # the layout below; 1 kept counts per second in hour documents
+HOUR, DAY, SPAN = 3600, 86400, 32 * 86400  # seconds; each divides the next
+LEVELS = (HOUR, DAY, SPAN)  # aggregate levels below `all`; a level's parts are buckets of the level below
+LAYOUT = 1  # the layout below, marked in `<c>_counts` (a store without the marker but with a state has it too)
 LAYOUT_RECHECK_SECONDS = 5  # a reader checks the layout again after this; a rebuild waits it out
 TOP = len(LEVELS)
 # timestamp() is the exact count of microseconds divided by 10**6, correctly rounded. While
@@ -122,7 +116,7 @@ RECOVER_AFTER_SECONDS = 120  # an intent open this long is recovered even if its
 DEAD_OWNER_GRACE_SECONDS = 15  # after its owner died: a write it sent may still be landing
 LEASE_SECONDS = 10
 FOLD_INTERVAL_SECONDS = 0.5
-# A second whose detail is spread over more fragments than this has its minute's fragments
+# A second whose detail is spread over more fragments than this has its hour's fragments
 # merged into one, so that a bound inside a second costs a few lookups at most.
 MAX_FRAGMENTS_PER_SECOND = 4
 READ_ATTEMPTS = 20
@@ -132,10 +126,10 @@ RECOVERY_SECONDS = 3600  # minutes for tens of millions of documents on FerretDB
 # and so does a folder after a failed write: a write a client gave up on may still land.
 QUIET_SECONDS = STEP_SECONDS + 2
 LEASE_WINDOW = QUIET_SECONDS // LEASE_SECONDS + 2  # slots back in which a folder before may still write
-CACHED = 4096  # documents: a round of a backlog spread over days touches thousands of minutes
+CACHED = 64
 MAX_RECORDS_PER_ROUND = 200  # 400,000 messages of batches at most: any fragment stays far below 16 MiB
 MAX_ROUND_CHARS = 4_000_000  # and a round's records take at most about 500,000 messages (rebuilt ones are bigger)
-MAX_COMPACTED_ENTRIES = 1_000_000  # about 7 MB; a minute busier than that keeps its fragments
+MAX_COMPACTED_ENTRIES = 1_000_000  # about 7 MB; an hour busier than that keeps its fragments
 WAIT_FOR_RECOVERY_SECONDS = 10 * RECOVER_AFTER_SECONDS
 
 
@@ -159,59 +153,63 @@ def _collections(collection):
     return database[f"{name}_counts_log"], database[f"{name}_counts"]
 
 
-@functools.lru_cache(maxsize=4096)
-def _day(day_number):
-    day = EPOCH + timedelta(days=day_number)
-    return f"{day.year:04d}{day.month:02d}{day.day:02d}"
+def _hours_home(collection, hour):
+    day = EPOCH + timedelta(hours=hour)
+    return collection.database[f"{collection.name}_counts_{day.year:04d}{day.month:02d}{day.day:02d}"]
 
 
-def _fragments_home(collection, minute):
-    """The name of the collection of a minute's fragments."""
-    return f"{collection.name}_counts_{_day(minute // (DAY // MINUTE))}_ms"
+def _fragments_home(collection, hour):
+    return collection.database[f"{_hours_home(collection, hour).name}_ms"]
 
 
 def _aggregate_id(level, bucket):
-    return f"{('minute', 'hour', 'day', 'span')[level]}:{bucket}" if level < TOP else "all"
+    return f"{('hour', 'day', 'span')[level]}:{bucket}" if level < TOP else "all"
 
 
 def _home(collection, level, bucket):
-    """The name of an aggregate's collection: minutes and hours in collections of their day
-    (minutes apart: a lookup on FerretDB reads the rows before its match, and hours are read
-    most), the rest in `<c>_counts`."""
-    if level == 0:
-        return f"{collection.name}_counts_{_day(bucket // (DAY // MINUTE))}_s"
-    if level == 1:
-        return f"{collection.name}_counts_{_day(bucket // (DAY // HOUR))}"
-    return f"{collection.name}_counts"
+    return _hours_home(collection, bucket) if level == 0 else _collections(collection)[1]
 
 
 class OldLayout(Exception):
-    """The counts of a collection are kept in another layout (an earlier version's), or are being
-    rebuilt: `python server.py --rebuild-counts` keeps them again from the raw documents."""
+    """The counts of a collection are kept in another layout, were never kept for the messages an
+    earlier version stored, or are being rebuilt: `python server.py --rebuild-counts` keeps them
+    again from the raw documents."""
 
 
 def check_layout(collection):
-    """Raise OldLayout unless the counts of `collection` are in LAYOUT or there are none yet.
-    Raises PyMongoError when the store does not answer."""
+    """Raise OldLayout unless the counts of `collection` are in LAYOUT, or there are neither counts
+    nor stored messages yet. Raises PyMongoError when the store does not answer."""
     log, aggregates = _collections(collection)
-    # The state first: a folder writes the marker before its first round's state, so a store
-    # without the marker is a new one only if it has no state either.
-    state = log.find_one({"_id": "state"}, {"_id": 1})
     layout = aggregates.find_one({"_id": "layout"})
-    if layout is None and state is None:
-        return  # nothing folded yet
-    if layout is None or layout.get("version") != LAYOUT:
-        raise OldLayout(f"the counts of {collection.full_name} were kept by an earlier version: stop server.py "
-                        f"and run `python server.py --rebuild-counts` to keep them again from the stored messages")
+    if layout is None:
+        if log.find_one({"_id": "state"}, {"_id": 1}) is not None:
+            return  # kept by the version before the marker, in this layout: the next server.py marks it
+        if collection.find_one({}, {"_id": 1}) is None:
+            return  # nothing stored yet
+        raise OldLayout(f"{collection.full_name} holds messages whose counts were never kept (an earlier version "
+                        f"stored them): stop server.py and run `python server.py --rebuild-counts` to count them")
+    if layout.get("version") != LAYOUT:
+        raise OldLayout(f"the counts of {collection.full_name} were kept in layout {layout.get('version')}, not "
+                        f"{LAYOUT}: stop server.py and run `python server.py --rebuild-counts` to keep them again")
     if layout.get("rebuilding"):
         raise OldLayout(f"the counts of {collection.full_name} are being rebuilt from the stored messages "
                         f"(`python server.py --rebuild-counts`, which can be run again if it was interrupted)")
 
 
+def mark_layout(collection):
+    """check_layout(), then mark the layout for a server.py about to store messages."""
+    check_layout(collection)
+    try:
+        _collections(collection)[1].insert_one({"_id": "layout", "version": LAYOUT})
+    except DuplicateKeyError:
+        pass  # marked already
+
+
 def rebuild(collection, chunk=50_000, wait_seconds=2 * LEASE_SECONDS + QUIET_SECONDS):
     """Keep the counts of `collection` again, from its raw documents; returns how many it counted.
 
-    For a store whose counts an earlier version kept (OldLayout). Run it while no server.py writes
+    For a store that OldLayout names (counts never kept for messages an earlier version stored,
+    or kept in another layout). Run it while no server.py writes
     to this collection: it drops the counts and reads every raw document (minutes for millions on
     FerretDB, and a list of two ints per document in memory); if interrupted, run it again.
     Readers get OldLayout until it has recorded and folded them all. Raises OldLayout when a
@@ -279,7 +277,7 @@ def _decode_entries(text):
 
 
 def _encode_seconds(entries):
-    """Sorted [(ms in bucket, status)] -> ";second:ms in second·10+status,...;..." (a fragment: a
+    """Sorted [(ms in hour, status)] -> ";second:ms in second·10+status,...;..." (a fragment: a
     reader finds one second's entries by a substring search, without decoding the rest)."""
     by_second = {}
     for ms, status in entries:
@@ -298,7 +296,7 @@ def _decode_second(text, second):
 
 
 def _decode_all_seconds(text):
-    """Every [(ms in bucket, status)] of a fragment."""
+    """Every [(ms in hour, status)] of a fragment."""
     entries = []
     for part in text.split(";")[1:]:
         second, values = part.split(":")
@@ -361,15 +359,6 @@ def _decode_fragments(text):
     return fragments
 
 
-def _encode_versions(versions):
-    """{minute offset: round of its current version} -> "offset:round;..." (an hour's minutes)."""
-    return ";".join(f"{offset}:{version}" for offset, version in sorted(versions.items()))
-
-
-def _decode_versions(text):
-    return {int(offset): int(version) for offset, version in (part.split(":") for part in text.split(";"))} if text else {}
-
-
 def _add(counts, more):
     for status, number in enumerate(more):
         counts[status] += number
@@ -422,8 +411,13 @@ class BatchWriter:
         self._wait_seconds = wait_seconds
         self._abandoned = {}  # batch -> when a write of this process gave it up (monotonic)
         self._abandoned_lock = threading.Lock()
+        self._marked = False  # mark_layout() done
 
     def write(self, documents):
+        if not self._marked:
+            with pymongo.timeout(self._timeout_seconds):
+                mark_layout(self._raw)  # before the first message stored: else it would look like an earlier version's
+            self._marked = True
         batch = uuid.uuid4().hex[:16]
         try:
             with pymongo.timeout(self._timeout_seconds):
@@ -559,7 +553,7 @@ class Folder:
         self._layout_ok, self._layout_error = rebuilding, None
         self._renewed_at = float("-inf")  # on self._clock: when a round last claimed the lease's next slot
         # The aggregates this folder wrote while it held the lease without a break: only it writes
-        # them then, so a round need not read them again (the newest CACHED).
+        # them then, so a round need not read them again (the newest CACHED, as hours are big).
         self._cache = collections.OrderedDict()
 
     # lease ------------------------------------------------------------------
@@ -607,8 +601,8 @@ class Folder:
                 and (now < (slot + 1) * LEASE_SECONDS - 1 or slot + 1 in self._slots))
 
     def _renewing(self):
-        """_still_holds() within a long round (a backlog spread over days touches thousands of
-        minutes), claiming the next slot as it comes, as a round's start does."""
+        """_still_holds() within a long round (a backlog spread over weeks touches hundreds of
+        hours), claiming the next slot as it comes, as a round's start does."""
         if self._clock() - self._renewed_at >= 1:
             with pymongo.timeout(STEP_SECONDS):
                 self._holds_lease()
@@ -664,8 +658,7 @@ class Folder:
         return self._round(log)
 
     def _check_layout(self):
-        """True once the counts are known to be in LAYOUT (marking a new store so); an earlier
-        layout is logged once and never folded into."""
+        """True once the counts are known to be in LAYOUT; another layout is logged once and never folded into."""
         try:
             check_layout(self._raw)
         except OldLayout as error:
@@ -673,10 +666,6 @@ class Folder:
                 LOG.error("counts: not folding: %s", error)
                 self._layout_error = str(error)
             return False
-        try:
-            self._aggregates.insert_one({"_id": "layout", "version": LAYOUT})
-        except DuplicateKeyError:
-            pass
         self._layout_ok = True
         return True
 
@@ -722,20 +711,20 @@ class Folder:
         return True
 
     def _apply(self, number, records):
-        minutes, fragments = {}, {}  # minute -> {second offset: counts}, minute -> [(ms in minute, status)]
+        hours, fragments = {}, {}  # hour -> {second offset: counts}, hour -> [(ms in hour, status)]
         for record in records:
             for ms, status in zip(*_decode_entries(record["entries"])):
                 second = ms // 1000
-                minute = second // MINUTE
-                minutes.setdefault(minute, {}).setdefault(second - minute * MINUTE, [0] * STATUSES)[status] += 1
-                fragments.setdefault(minute, []).append((ms - minute * MINUTE * 1000, status))
+                hour = second // HOUR
+                hours.setdefault(hour, {}).setdefault(second - hour * HOUR, [0] * STATUSES)[status] += 1
+                fragments.setdefault(hour, []).append((ms - hour * HOUR * 1000, status))
         by_home = {}
-        for minute, entries in fragments.items():
-            by_home.setdefault(_fragments_home(self._raw, minute), []).append(
-                {"_id": f"f:{minute}:{number}", "entries": _encode_seconds(sorted(entries))})
+        for hour, entries in fragments.items():
+            by_home.setdefault(_fragments_home(self._raw, hour).name, []).append(
+                {"_id": f"f:{hour}:{number}", "entries": _encode_seconds(sorted(entries))})
         for home, documents in by_home.items():
             self._insert_once(home, documents)
-        level_parts = [minutes]
+        level_parts = [hours]
         for level in range(1, TOP + 1):  # each level's parts are the totals of the level below
             child_size = LEVELS[level - 1]
             size = LEVELS[level] if level < TOP else None
@@ -748,17 +737,13 @@ class Folder:
                 offset = child - bucket * (size // child_size) if size else child
                 _add(parts.setdefault(bucket, {}).setdefault(offset, [0] * STATUSES), total)
             level_parts.append(parts)
-        hours = self._current(1, {hour: _aggregate_id(1, hour) for hour in level_parts[1]})
-        versions = self._write_minutes(number, minutes, hours)
-        for level, buckets in enumerate(level_parts[1:], start=1):
-            current = hours if level == 1 else self._current(level, {b: _aggregate_id(level, b) for b in buckets})
+        for level, buckets in enumerate(level_parts):
+            current = self._current(level, buckets)
             for bucket, parts in buckets.items():
                 if not self._renewing():
                     raise _LeaseLost()
                 with pymongo.timeout(STEP_SECONDS):
-                    self._merge(number, level, bucket, parts, current[bucket],
-                                {minute % MINUTES_PER_HOUR: versions[minute] for minute in versions
-                                 if minute // MINUTES_PER_HOUR == bucket} if level == 1 else None)
+                    self._merge(number, level, bucket, parts, current[bucket])
 
     def _insert_once(self, home, documents):
         """Insert documents a round writes whole: those already there are the round's first attempt's."""
@@ -769,64 +754,28 @@ class Folder:
             if any(e["code"] != DUPLICATE_KEY for e in error.details["writeErrors"]):
                 raise
 
-    def _current(self, level, ids):
-        """{bucket: its current document} for {bucket: _id} of one level: from the cache, or one
-        query per collection (on FerretDB one pass, where a lookup per document would cost one each)."""
+    def _current(self, level, buckets):
+        """{bucket: its current document} for the buckets of one level: from the cache, or one query
+        per collection (on FerretDB one pass, where a lookup per document would cost one each)."""
         found, wanted = {}, collections.defaultdict(dict)
-        for bucket, _id in ids.items():
+        for bucket in buckets:
             cached = self._cache.pop((level, bucket), None)
-            if cached is not None and (level > 0 or cached["_id"] == _id):  # a minute: the version its hour names
+            if cached is not None:
                 found[bucket] = cached
-            elif _id is not None:
-                wanted[_home(self._raw, level, bucket)][_id] = bucket
+            else:
+                wanted[_home(self._raw, level, bucket).name][_aggregate_id(level, bucket)] = bucket
         for name, by_id in wanted.items():
             with pymongo.timeout(STEP_SECONDS):
-                for document in self._raw.database[name].find({"_id": {"$in": list(by_id)}}):
-                    found[by_id[document["_id"]]] = document
-        if level == 0 and any(bucket not in found for by_id in wanted.values() for bucket in by_id.values()):
-            raise RuntimeError("a minute version that its hour names is missing")  # never deleted while named
-        return {bucket: found.get(bucket) or {"round": 0, "parts": ""} for bucket in ids}
+                ids = list(by_id)
+                documents = ([self._raw.database[name].find_one({"_id": ids[0]})] if len(ids) == 1
+                             else self._raw.database[name].find({"_id": {"$in": ids}}))
+                for document in documents:
+                    if document is not None:
+                        found[by_id[document["_id"]]] = document
+        return {bucket: found.get(bucket) or {"round": 0, "parts": ""} for bucket in buckets}
 
-    def _write_minutes(self, number, minutes, hours):
-        """Write a new version of each minute the round touches (inserts only: a version is never
-        changed, and the one it replaces is deleted after the round); {minute: round of its
-        version}, for the hours to name."""
-        named = {}
-        for hour, document in hours.items():
-            for offset, version in _decode_versions(document.get("minutes", "")).items():
-                minute = hour * MINUTES_PER_HOUR + offset
-                named[minute] = f"{_aggregate_id(0, minute)}:{version}"
-        current = self._current(0, {minute: named.get(minute) for minute in minutes})
-        versions, by_home = {}, collections.defaultdict(list)
-        for minute, parts in minutes.items():
-            before = current[minute]
-            if before["round"] >= number:  # written by this round's first attempt
-                versions[minute] = before["round"]
-                continue
-            merged = _decode_parts(before["parts"])
-            for offset, counts in parts.items():
-                _add(merged.setdefault(offset, [0] * STATUSES), counts)
-            fragments = _decode_fragments(before.get("fragments", ""))
-            for offset in parts:
-                fragments.setdefault(offset, []).append(str(number))
-            if max(map(len, fragments.values())) > MAX_FRAGMENTS_PER_SECOND:
-                fragments = self._compact(number, minute, fragments)
-            document = {"_id": f"{_aggregate_id(0, minute)}:{number}", "round": number,
-                        "parts": _encode_parts(merged), "fragments": _encode_fragments(fragments)}
-            home = _home(self._raw, 0, minute)
-            by_home[home].append(document)
-            if "_id" in before:
-                self._superseded.append((home, [before["_id"]]))
-            versions[minute] = number
-        for home, documents in by_home.items():
-            if not self._renewing():
-                raise _LeaseLost()
-            self._insert_once(home, documents)
-            for document in documents:  # only once written: a round cut short must not take one as done
-                self._remember(0, int(document["_id"].split(":")[1]), document)
-        return versions
-
-    def _merge(self, number, level, bucket, parts, current, versions=None):
+    def _merge(self, number, level, bucket, parts, current):
+        home, _id = _home(self._raw, level, bucket), _aggregate_id(level, bucket)
         if current["round"] >= number:
             self._remember(level, bucket, current)
             return  # done by this round's first attempt
@@ -834,10 +783,14 @@ class Folder:
         for offset, counts in parts.items():
             _add(merged.setdefault(offset, [0] * STATUSES), counts)
         document = {"round": number, "parts": _encode_parts(merged)}
-        if versions is not None:
-            document["minutes"] = _encode_versions({**_decode_versions(current.get("minutes", "")), **versions})
-        self._raw.database[_home(self._raw, level, bucket)].replace_one(
-            {"_id": _aggregate_id(level, bucket)}, document, upsert=True)
+        if level == 0:
+            fragments = _decode_fragments(current.get("fragments", ""))
+            for offset in parts:
+                fragments.setdefault(offset, []).append(str(number))
+            if max(map(len, fragments.values())) > MAX_FRAGMENTS_PER_SECOND:
+                fragments = self._compact(number, bucket, fragments)
+            document["fragments"] = _encode_fragments(fragments)
+        home.replace_one({"_id": _id}, document, upsert=True)
         self._remember(level, bucket, document)
 
     def _remember(self, level, bucket, document):
@@ -845,27 +798,27 @@ class Folder:
         while len(self._cache) > CACHED:
             self._cache.popitem(last=False)
 
-    def _compact(self, number, minute, fragments):
-        """Merge every fragment of a minute into one, tagged "<round>c"; the others are deleted
-        in the next round, once no reader can still be reading the minute document that named them."""
-        home = self._raw.database[_fragments_home(self._raw, minute)]
+    def _compact(self, number, hour, fragments):
+        """Merge every fragment of an hour into one, tagged "<round>c"; the others are deleted
+        in the next round, once no reader can still be reading the hour document that named them."""
+        home = _fragments_home(self._raw, hour)
         tags = sorted({tag for tags in fragments.values() for tag in tags})
         entries = []
-        with pymongo.timeout(STEP_SECONDS):
-            found = {f["_id"]: f["entries"] for f in home.find({"_id": {"$in": [f"f:{minute}:{tag}" for tag in tags]}})}
-        if len(found) < len(tags):
-            raise RuntimeError("a fragment that its minute names is missing")  # never deleted while named
-        for entries_text in found.values():
-            entries.extend(_decode_all_seconds(entries_text))
+        for tag in tags:
+            with pymongo.timeout(STEP_SECONDS):
+                fragment = home.find_one({"_id": f"f:{hour}:{tag}"})
+            if fragment is None:
+                raise RuntimeError("a fragment that its hour names is missing")  # never deleted while named
+            entries.extend(_decode_all_seconds(fragment["entries"]))
         if len(entries) > MAX_COMPACTED_ENTRIES:
-            return fragments  # one merged fragment would be too big: the minute keeps its fragments
+            return fragments  # one merged fragment would be too big: the hour keeps its fragments
         merged = f"{number}c"
         try:
             with pymongo.timeout(STEP_SECONDS):
-                home.insert_one({"_id": f"f:{minute}:{merged}", "entries": _encode_seconds(sorted(entries))})
+                home.insert_one({"_id": f"f:{hour}:{merged}", "entries": _encode_seconds(sorted(entries))})
         except DuplicateKeyError:
             pass  # written by this round's first attempt, from the same fragments
-        self._superseded.append((home.name, [f"f:{minute}:{tag}" for tag in tags]))
+        self._superseded.append((home.name, [f"f:{hour}:{tag}" for tag in tags]))
         return {offset: [merged] for offset in fragments}
 
     def _find_stamped_beside(self, stale):
@@ -1058,7 +1011,7 @@ class _Snapshot:
         for times in (*self._current, *self._later):
             times.sort()
         plans = [_plan(low, high) for low, high in ranges]
-        self._fetch({(step[1], step[2]) if step[0] == "piece" else (0, step[1] // 1000 // MINUTE)
+        self._fetch({(step[1], step[2]) if step[0] == "piece" else (0, step[1] // 1000 // HOUR)
                      for plan in plans for step in plan})
         answers = []
         for plan in plans:
@@ -1076,16 +1029,13 @@ class _Snapshot:
         return answers
 
     def _fetch(self, keys):
-        """The aggregates of `keys` ((level, bucket)): the hours, days and spans one query per
-        collection (small collections), then each minute's version that its hour names, one by
-        one: on FerretDB one _id is filtered in SQL, reading the rows before the match, while
-        several cost a pass that decodes every document of a day's minutes."""
-        minutes = {bucket for level, bucket in keys if level == 0}
+        """The aggregates of `keys` ((level, bucket)): one query per collection."""
         by_home = collections.defaultdict(dict)
-        for level, bucket in set(keys) - {(0, minute) for minute in minutes} | {(1, m // MINUTES_PER_HOUR) for m in minutes}:
-            by_home[_home(self._raw, level, bucket)][_aggregate_id(level, bucket)] = (level, bucket)
+        for level, bucket in keys:
+            by_home[_home(self._raw, level, bucket).name][_aggregate_id(level, bucket)] = (level, bucket)
         for name, ids in by_home.items():
             home = self._raw.database[name]
+            # One _id is looked up from SQL on FerretDB; several cost one pass over the collection.
             found = ([home.find_one({"_id": next(iter(ids))})] if len(ids) == 1
                      else list(home.find({"_id": {"$in": list(ids)}})))
             for document in found:
@@ -1093,15 +1043,6 @@ class _Snapshot:
                     self._documents[ids[document["_id"]]] = document
             for key in ids.values():
                 self._documents.setdefault(key, {"round": 0, "parts": ""})
-        for minute in minutes:
-            hour = self._documents[(1, minute // MINUTES_PER_HOUR)]
-            version = _decode_versions(hour.get("minutes", "")).get(minute % MINUTES_PER_HOUR)
-            document = None
-            if version is not None:
-                document = self._raw.database[_home(self._raw, 0, minute)].find_one(
-                    {"_id": f"{_aggregate_id(0, minute)}:{version}"})
-                self._stale |= document is None  # replaced and deleted by a later round
-            self._documents[(0, minute)] = document or {"round": 0, "parts": ""}
 
     def _add_pending(self, counts, since_round, low_ms, high_ms):
         for by_status in (self._later, self._current) if since_round < self._round else (self._later,):
@@ -1120,18 +1061,18 @@ class _Snapshot:
         self._add_pending(counts, document["round"], low * 1000, high * 1000)
 
     def _add_detail(self, counts, low_ms, high_ms):
-        """Milliseconds [low_ms, high_ms) inside one second, from its minute's fragments."""
+        """Milliseconds [low_ms, high_ms) inside one second, from its hour's fragments."""
         second = low_ms // 1000
-        minute = second // MINUTE
-        document = self._documents[(0, minute)]
-        home = self._raw.database[_fragments_home(self._raw, minute)]
+        hour = second // HOUR
+        document = self._documents[(0, hour)]
+        home = _fragments_home(self._raw, hour)
         low, high = low_ms - second * 1000, high_ms - second * 1000
-        for tag in _decode_fragments(document.get("fragments", "")).get(second - minute * MINUTE, ()):
-            fragment = home.find_one({"_id": f"f:{minute}:{tag}"})
+        for tag in _decode_fragments(document.get("fragments", "")).get(second - hour * HOUR, ()):
+            fragment = home.find_one({"_id": f"f:{hour}:{tag}"})
             if fragment is None:
                 self._stale = True  # merged and deleted by a later round
                 continue
-            for ms, status in _decode_second(fragment["entries"], second - minute * MINUTE):
+            for ms, status in _decode_second(fragment["entries"], second - hour * HOUR):
                 if low <= ms < high:
                     counts[status] += 1
         self._add_pending(counts, document["round"], low_ms, high_ms)

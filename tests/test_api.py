@@ -260,9 +260,8 @@ def test_unreachable_database_is_503_not_500():
     assert client.get("/status-series?start=2026-11-27&end=2026-11-28&step=1h").status_code == 503
 
 
-def test_counts_kept_in_an_earlier_layout_are_503_naming_the_command(app, client):
-    store(app, (1, utc(2026, 11, 27, 10)))
-    app.collection.database["status_counts"].delete_one({"_id": "layout"})
+def test_messages_stored_without_counts_are_503_naming_the_command(app, client):
+    app.collection.insert_one({"status": 1, "timestamp": utc(2026, 11, 27, 10)})  # as a version that kept no counts
     response = client.get("/status-count?start=2026-11-27T00:00:00Z&end=2026-11-28T00:00:00Z")
     assert response.status_code == 503
     assert "python server.py --rebuild-counts" in response.get_json()["error"]

@@ -64,7 +64,6 @@ def moment(offset_ms):
 offsets_ms = st.one_of(
     st.integers(-WINDOW_MS, WINDOW_MS),
     st.integers(-3, 3).map(lambda hours: hours * 3_600_000),  # exactly on boundaries
-    st.integers(-90, 90).map(lambda minutes: minutes * 60_000),
     st.integers(-2500, 2500),  # around the span boundary, inside seconds
 )
 batches = st.lists(st.tuples(st.integers(0, 40), st.integers(0, 6), offsets_ms), min_size=1, max_size=10)
@@ -386,8 +385,8 @@ class FolderLosingLease(counts.Folder):
 
 @pytest.mark.parametrize("check", [1, 2, 3, 4])
 def test_a_round_cut_short_and_finished_by_the_same_folder_is_exact(database, check):
-    """Cut before a day's minute versions are inserted, after them, or between hours: what the
-    folder remembers of the round cut short must not pass for written."""
+    """Cut before the first aggregate of a round is written, or between two: what the folder
+    remembers of the round cut short must not pass for written."""
     collection = database["status"]
     writer = counts.BatchWriter(collection)
     moments = [BASE + timedelta(seconds=seconds) for seconds in (1.5, 2.5, 3600 * 30 + 7.25, 86400 * 3 + 61.5)]
@@ -407,35 +406,48 @@ def test_a_round_cut_short_and_finished_by_the_same_folder_is_exact(database, ch
         assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end), (start, end)
 
 
-def test_counts_kept_in_an_earlier_layout_are_refused_until_rebuilt_from_the_stored_messages(database, caplog):
-    """An upgrade over counts an earlier version kept: readers and folders refuse them, naming the
-    command; `rebuild` counts every stored message, those of versions that kept no records included."""
+def messages(rng, prefix, number):
+    return [{"_id": f"{prefix}{index}", "status": rng.randrange(7),
+             "timestamp": BASE + timedelta(milliseconds=rng.randrange(-WINDOW_MS, WINDOW_MS))}
+            for index in range(number)]
+
+
+def test_messages_stored_without_counts_are_refused_until_rebuilt(database, caplog):
+    """Messages an earlier version stored without keeping counts (before batches were recorded):
+    readers, folders and writers refuse them, naming the command; `rebuild` counts them all."""
     collection = database["status"]
     rng = random.Random(5)
-
-    def messages(prefix, number):
-        return [{"_id": f"{prefix}{index}", "status": rng.randrange(7),
-                 "timestamp": BASE + timedelta(milliseconds=rng.randrange(-WINDOW_MS, WINDOW_MS))}
-                for index in range(number)]
-
-    counts.BatchWriter(collection).write(messages("a", 300))
-    folder = counts.Folder(collection)
-    wait_until(lambda: folder.fold_once() or database["status_counts"].find_one({"_id": "all"}), what="the records folded")
-    database["status_counts"].delete_one({"_id": "layout"})  # as an earlier version left them
-    collection.insert_many(messages("unstamped", 50))  # stored before batches were recorded
+    collection.insert_many(messages(rng, "unstamped", 50))
+    with pytest.raises(counts.OldLayout, match="never kept.*--rebuild-counts"):
+        counts.count(collection, BASE, BASE + timedelta(days=1))
     with pytest.raises(counts.OldLayout, match="--rebuild-counts"):
-        counts.check_layout(collection)
-    counts.BatchWriter(collection).write(messages("b", 20))  # a server started over them: recorded, not folded
-    clock = Clock()
-    clock.offset += (counts.LEASE_WINDOW + 1) * counts.LEASE_SECONDS  # the first folder's lease has run out
-    assert counts.Folder(collection, clock=clock).fold_once() is False
+        counts.BatchWriter(collection).write(messages(rng, "a", 10))
+    assert counts.Folder(collection).fold_once() is False
     assert "--rebuild-counts" in caplog.text
-    database["status_counts_log"].delete_many({"_id": {"$regex": "^lease:"}})  # those servers stopped a while ago
-    assert counts.rebuild(collection, chunk=64) == 370
-    counts.check_layout(collection)
+    database["status_counts_log"].delete_many({"_id": {"$regex": "^lease:"}})  # that server stopped a while ago
+    assert counts.rebuild(collection, chunk=16) == 50
+    counts.BatchWriter(collection).write(messages(rng, "b", 20))  # counted from its record until folded
     for start, end in [(BASE - timedelta(days=3), BASE + timedelta(days=3)), (moment(-86_399_999), moment(7_777)),
                        (moment(-61_000), moment(59_001)), (moment(1), moment(999))]:
         assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end)
+
+
+def test_counts_of_the_version_before_the_marker_are_taken_and_another_layout_is_refused(database):
+    collection = database["status"]
+    rng = random.Random(6)
+    counts.BatchWriter(collection).write(messages(rng, "a", 100))
+    wait_until(counts.Folder(collection).fold_once, what="a round")
+    database["status_counts"].delete_one({"_id": "layout"})  # as the version before the marker left them
+    counts.check_layout(collection)
+    counts.mark_layout(collection)
+    assert database["status_counts"].find_one({"_id": "layout"})["version"] == counts.LAYOUT
+    database["status_counts"].replace_one({"_id": "layout"}, {"version": counts.LAYOUT + 1})
+    with pytest.raises(counts.OldLayout, match=f"layout {counts.LAYOUT + 1}.*--rebuild-counts"):
+        counts.check_layout(collection)
+    database["status_counts_log"].delete_many({"_id": {"$regex": "^lease:"}})
+    assert counts.rebuild(collection) == 100
+    assert counts.count(collection, BASE - timedelta(days=3), BASE + timedelta(days=3)) == \
+        counts.raw_counts(collection, BASE - timedelta(days=3), BASE + timedelta(days=3))
 
 
 def test_a_rebuild_is_refused_while_a_server_folds(database):
