@@ -39,6 +39,12 @@ MQTT_OPEN_USERNAME = f"{MQTT_OPEN_VHOST}:{RABBITMQ_USER}"
 MONGO_URI = os.environ.get("MONGO_URI", "mongodb://localhost:27017/")
 
 
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def wait_until(condition, timeout=30.0, what="the condition", interval=0.05):
     """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -9,15 +9,9 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import wait_until
+from conftest import free_port, wait_until
 from messages import INVALID_KINDS
 from test_processes import consuming_pids
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def scrape(port, path="/metrics"):

@@ -18,7 +18,6 @@ import collections
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -33,7 +32,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, respons
                                                status_code_conformance)
 
 from api import OPENAPI_DOCUMENT, create_app
-from conftest import MONGO_URI, ROOT, wait_until
+from conftest import MONGO_URI, ROOT, free_port, wait_until
 from counts import BatchWriter, Folder
 
 FUZZ_EXAMPLES = 50  # generated requests per operation at most, beside examples and boundaries: about 20 s in all
@@ -41,12 +40,6 @@ NOT_FUZZED = ["/metrics", "/plotly.min.js", "/static/{filename}"]
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 # Status codes answered during the fuzzing, per operation: each JSON operation must have answered 200.
 ANSWERED = collections.defaultdict(collections.Counter)
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def get(url):

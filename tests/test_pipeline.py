@@ -1,7 +1,6 @@
 """client.py -> RabbitMQ -> server.py -> MongoDB -> api.py, on the real services."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -12,13 +11,7 @@ import pika
 import pytest
 
 import counts
-from conftest import ROOT, wait_until
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from conftest import ROOT, free_port, wait_until
 
 
 def http_get_json(url):
