@@ -9,7 +9,9 @@
 """
 
 import importlib.metadata
+import argparse
 import logging
+import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -210,10 +212,19 @@ def _format(moment):
 def main():
     from waitress import serve
 
+    argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                            epilog="Settings come from the environment: API_HOST, API_PORT, MONGO_URI, "
+                                   "MONGO_DB, MONGO_COLLECTION (README, Configuration).").parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("api").info("serving on http://%s:%d", config.API_HOST, config.API_PORT)
-    serve(create_app(), host=config.API_HOST, port=config.API_PORT)
+    app = create_app()
+    try:
+        serve(app, host=config.API_HOST, port=config.API_PORT)  # waitress logs "Serving on ..." once bound
+    except OSError as error:  # the port is taken, or the address is not this machine's
+        logging.getLogger("api").error("cannot serve on %s:%d (API_HOST, API_PORT): %s",
+                                       config.API_HOST, config.API_PORT, error)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -674,7 +674,11 @@ def main():
     if args.rebuild_counts:
         collection = pymongo.MongoClient(config.MONGO_URI, tz_aware=True)[config.MONGO_DB][config.MONGO_COLLECTION]
         LOG.info("rebuilding the counts of %s from the stored messages", collection.full_name)
-        LOG.info("counted %d stored messages", counts.rebuild(collection))
+        try:
+            LOG.info("counted %d stored messages", counts.rebuild(collection))
+        except counts.OldLayout as error:  # a server.py still folds
+            LOG.error("%s", error)
+            return 1
         return 0
     metrics_directory = None
     if args.parent_fd is None:

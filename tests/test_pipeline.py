@@ -1,6 +1,7 @@
 """client.py -> RabbitMQ -> server.py -> MongoDB -> api.py, on the real services."""
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -180,3 +181,13 @@ def test_an_upgrade_over_messages_stored_without_counts_is_refused_until_rebuilt
     wait_until(lambda: client_app.get("/status-count?start=2000-01-01T00:00:00Z&end=2100-01-01T00:00:00Z")
                .get_json().get("counts") == expected, what="the API to count all 350")
     assert sum(expected.values()) == 350
+
+
+def test_api_on_a_taken_port_stops_with_one_line(pipeline):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        api = pipeline.start("api.py", env={"API_PORT": str(taken.getsockname()[1])})
+        assert api.wait(30) == 1
+    log = pipeline.log(api)
+    assert "cannot serve on 127.0.0.1" in log and "API_PORT" in log and "Traceback" not in log, log
