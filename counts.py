@@ -170,6 +170,15 @@ def _home(collection, level, bucket):
     return _hours_home(collection, bucket) if level == 0 else _collections(collection)[1]
 
 
+def _find_ids(home, ids):
+    """The documents of `home` with these _ids, in one query: one _id is looked up from SQL on
+    FerretDB, several cost one pass over the collection."""
+    if len(ids) == 1:
+        document = home.find_one({"_id": ids[0]})
+        return [document] if document is not None else []
+    return list(home.find({"_id": {"$in": ids}}))
+
+
 class OldLayout(Exception):
     """The counts of a collection are kept in another layout, were never kept for the messages an
     earlier version stored, or are being rebuilt: `python server.py --rebuild-counts` keeps them
@@ -413,11 +422,16 @@ class BatchWriter:
         self._abandoned_lock = threading.Lock()
         self._marked = False  # mark_layout() done
 
-    def write(self, documents):
+    def mark_layout(self):
+        """mark_layout() of the collection, once, before the first message stored (else its messages
+        would look like an earlier version's). Raises OldLayout, or PyMongoError."""
         if not self._marked:
             with pymongo.timeout(self._timeout_seconds):
-                mark_layout(self._raw)  # before the first message stored: else it would look like an earlier version's
+                mark_layout(self._raw)
             self._marked = True
+
+    def write(self, documents):
+        self.mark_layout()
         batch = uuid.uuid4().hex[:16]
         try:
             with pymongo.timeout(self._timeout_seconds):
@@ -766,12 +780,8 @@ class Folder:
                 wanted[_home(self._raw, level, bucket).name][_aggregate_id(level, bucket)] = bucket
         for name, by_id in wanted.items():
             with pymongo.timeout(STEP_SECONDS):
-                ids = list(by_id)
-                documents = ([self._raw.database[name].find_one({"_id": ids[0]})] if len(ids) == 1
-                             else self._raw.database[name].find({"_id": {"$in": ids}}))
-                for document in documents:
-                    if document is not None:
-                        found[by_id[document["_id"]]] = document
+                for document in _find_ids(self._raw.database[name], list(by_id)):
+                    found[by_id[document["_id"]]] = document
         return {bucket: found.get(bucket) or {"round": 0, "parts": ""} for bucket in buckets}
 
     def _merge(self, number, level, bucket, parts, current):
@@ -1034,13 +1044,8 @@ class _Snapshot:
         for level, bucket in keys:
             by_home[_home(self._raw, level, bucket).name][_aggregate_id(level, bucket)] = (level, bucket)
         for name, ids in by_home.items():
-            home = self._raw.database[name]
-            # One _id is looked up from SQL on FerretDB; several cost one pass over the collection.
-            found = ([home.find_one({"_id": next(iter(ids))})] if len(ids) == 1
-                     else list(home.find({"_id": {"$in": list(ids)}})))
-            for document in found:
-                if document is not None:
-                    self._documents[ids[document["_id"]]] = document
+            for document in _find_ids(self._raw.database[name], list(ids)):
+                self._documents[ids[document["_id"]]] = document
             for key in ids.values():
                 self._documents.setdefault(key, {"round": 0, "parts": ""})
 

@@ -314,7 +314,7 @@ class StatusServer:
                     self._collection.database.command("ping")
                 with pymongo.timeout(config.MONGO_STARTUP_TIMEOUT_SECONDS):
                     create_indexes(self._collection)
-                    counts.mark_layout(self._collection)
+                    self._batch_writer.mark_layout()
                 self._metrics.mongodb_up.set(1)
                 return
             except counts.OldLayout as error:  # its batches would be counted twice by the rebuild
