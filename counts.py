@@ -22,8 +22,9 @@ but for two per day of data:
   per second, the tags of the fragments that hold that second's millisecond detail.
 - `<c>_counts_<YYYYMMDD>_ms`: the fragments `{_id: "f:<hour>:<tag>", entries}`: each
   round's millisecond times and statuses within one hour, grouped by second (tag: the
-  round), or all of an hour's merged into one (tag: "<round>c") once a second is spread
-  over more than MAX_FRAGMENTS_PER_SECOND. Read only for a bound inside a second.
+  round). Once a second is spread over more than MAX_FRAGMENTS_PER_SECOND, all of its hour's
+  are merged into one (tag: "<round>c"), or, in an hour too busy for one document, that
+  second's alone ("<round>c<second>"). Read only for a bound inside a second.
 Every raw document carries `batch`, the id of the batch that inserted it. Stored messages
 without counts (an earlier version's), or counts in another layout, are refused by server.py,
 readers and folders alike, until `rebuild` has kept them again from the raw documents.
@@ -81,6 +82,8 @@ Counts are never incremented in place, so no increment can be lost.
 import array
 import bisect
 import collections
+import concurrent.futures
+import contextvars
 import logging
 import math
 import os
@@ -120,6 +123,7 @@ FOLD_INTERVAL_SECONDS = 0.5
 # merged into one, so that a bound inside a second costs a few lookups at most.
 MAX_FRAGMENTS_PER_SECOND = 4
 READ_ATTEMPTS = 20
+LOG_BATCH = 10_000  # the log in one reply: FerretDB's first batch is 101 documents, and a getMore is a round trip
 STEP_SECONDS = 30  # the folder's deadline for one store operation; recovery reads the raw collection:
 RECOVERY_SECONDS = 3600  # minutes for tens of millions of documents on FerretDB
 # A folder that takes over waits until every write of the one before it has ended (STEP_SECONDS),
@@ -177,6 +181,39 @@ def _find_ids(home, ids):
         document = home.find_one({"_id": ids[0]})
         return [document] if document is not None else []
     return list(home.find({"_id": {"$in": ids}}))
+
+
+# Lookups run side by side: each waits on the store, and FerretDB answers them on several connections.
+SEPARATE_LOOKUPS = 3
+_LOOKUPS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="counts-lookup")
+
+
+def _look_up(wanted):
+    """{(collection name, _id): document} of those found among [(collection, _id)], all looked
+    up at once (within the caller's pymongo.timeout): on FerretDB one _id is answered from SQL,
+    which stops at the match, while several ($in) cost a decoding pass over the whole
+    collection (3 to 5 times as long for two hours of a day). So a few _ids of one collection
+    get a query each, and more than SEPARATE_LOOKUPS one query together."""
+    by_home = collections.defaultdict(dict)
+    for home, _id in wanted:
+        by_home[home.name][_id] = home
+    queries = []
+    for name, ids in by_home.items():
+        home = next(iter(ids.values()))
+        if len(ids) > SEPARATE_LOOKUPS:
+            queries.append((home, {"_id": {"$in": list(ids)}}, 0))
+        else:
+            queries += [(home, {"_id": _id}, 1) for _id in ids]  # limit 1: the scan stops at the match
+
+    def run(home, query, limit):
+        return list(home.find(query, limit=limit))
+    if len(queries) == 1:
+        answers = [run(*queries[0])]
+    else:
+        answers = [future.result() for future in [
+            _LOOKUPS.submit(contextvars.copy_context().run, run, *query) for query in queries]]
+    return {(home.name, document["_id"]): document
+            for (home, _, _), documents in zip(queries, answers) for document in documents}
 
 
 class OldLayout(Exception):
@@ -304,14 +341,9 @@ def _decode_second(text, second):
     return [divmod(int(value), 10) for value in text[start:end if end >= 0 else len(text)].split(",")]
 
 
-def _decode_all_seconds(text):
-    """Every [(ms in hour, status)] of a fragment."""
-    entries = []
-    for part in text.split(";")[1:]:
-        second, values = part.split(":")
-        base = int(second) * 1000
-        entries.extend((base + value // 10, value % 10) for value in map(int, values.split(",")))
-    return entries
+def _split_seconds(text):
+    """{second: "ms in second·10+status,..."} of a fragment."""
+    return {int(second): values for second, values in (part.split(":") for part in text.split(";")[1:])}
 
 
 def _encode_parts(parts):
@@ -797,8 +829,9 @@ class Folder:
             fragments = _decode_fragments(current.get("fragments", ""))
             for offset in parts:
                 fragments.setdefault(offset, []).append(str(number))
-            if max(map(len, fragments.values())) > MAX_FRAGMENTS_PER_SECOND:
-                fragments = self._compact(number, bucket, fragments)
+            crowded = [offset for offset, tags in fragments.items() if len(tags) > MAX_FRAGMENTS_PER_SECOND]
+            if crowded:
+                fragments = self._compact(number, bucket, fragments, crowded, sum(map(sum, merged.values())))
             document["fragments"] = _encode_fragments(fragments)
         home.replace_one({"_id": _id}, document, upsert=True)
         self._remember(level, bucket, document)
@@ -808,28 +841,45 @@ class Folder:
         while len(self._cache) > CACHED:
             self._cache.popitem(last=False)
 
-    def _compact(self, number, hour, fragments):
-        """Merge every fragment of an hour into one, tagged "<round>c"; the others are deleted
-        in the next round, once no reader can still be reading the hour document that named them."""
+    def _compact(self, number, hour, fragments, crowded, entries_in_hour):
+        """{second offset: [fragment tags]} once the detail of the crowded seconds is merged: the
+        whole hour's into one fragment, tagged "<round>c", while it holds at most
+        MAX_COMPACTED_ENTRIES (so that a quiet day keeps few fragments), else each crowded
+        second's into one of its own, "<round>c<second offset>" (a busy hour merged would
+        outgrow 16 MiB, and reading all its fragments each round would stall the folder).
+        The fragments no second names any more are deleted in the next round, once no reader
+        can still be reading the hour document that named them."""
         home = _fragments_home(self._raw, hour)
-        tags = sorted({tag for tags in fragments.values() for tag in tags})
-        entries = []
-        for tag in tags:
-            with pymongo.timeout(STEP_SECONDS):
-                fragment = home.find_one({"_id": f"f:{hour}:{tag}"})
-            if fragment is None:
-                raise RuntimeError("a fragment that its hour names is missing")  # never deleted while named
-            entries.extend(_decode_all_seconds(fragment["entries"]))
-        if len(entries) > MAX_COMPACTED_ENTRIES:
-            return fragments  # one merged fragment would be too big: the hour keeps its fragments
-        merged = f"{number}c"
-        try:
-            with pymongo.timeout(STEP_SECONDS):
-                home.insert_one({"_id": f"f:{hour}:{merged}", "entries": _encode_seconds(sorted(entries))})
-        except DuplicateKeyError:
-            pass  # written by this round's first attempt, from the same fragments
-        self._superseded.append((home.name, [f"f:{hour}:{tag}" for tag in tags]))
-        return {offset: [merged] for offset in fragments}
+        whole = entries_in_hour <= MAX_COMPACTED_ENTRIES
+        seconds = sorted(fragments) if whole else crowded
+        tags = {tag for offset in seconds for tag in fragments[offset]}
+        with pymongo.timeout(STEP_SECONDS):
+            found = _look_up([(home, f"f:{hour}:{tag}") for tag in tags])
+        if len(found) < len(tags):
+            raise RuntimeError("a fragment that its hour names is missing")  # never deleted while named
+        naming = collections.defaultdict(list)  # tag -> the seconds that name it
+        for offset in seconds:
+            for tag in fragments[offset]:
+                naming[tag].append(offset)
+        detail = collections.defaultdict(list)  # second offset -> [(ms in hour, status)] of the fragments it names
+        for tag, offsets in naming.items():  # a fragment may hold seconds merged before: those name another
+            by_second = _split_seconds(found[(home.name, f"f:{hour}:{tag}")]["entries"])
+            for offset in offsets:
+                detail[offset].extend((offset * 1000 + int(value) // 10, int(value) % 10)
+                                      for value in by_second[offset].split(","))
+        merged = {offset: f"{number}c" if whole else f"{number}c{offset}" for offset in seconds}
+        documents = {}
+        for offset in seconds:
+            documents.setdefault(merged[offset], []).extend(detail.get(offset, ()))
+        # Written again alike by a retry of this round: the same fragments, named by the same hour document.
+        self._insert_once(home.name, [{"_id": f"f:{hour}:{tag}", "entries": _encode_seconds(sorted(entries))}
+                                      for tag, entries in documents.items()])
+        compacted = {**fragments, **{offset: [merged[offset]] for offset in seconds}}
+        named = {tag for tags in compacted.values() for tag in tags}
+        unnamed = set().union(*fragments.values()) - named
+        if unnamed:
+            self._superseded.append((home.name, [f"f:{hour}:{tag}" for tag in sorted(unnamed)]))
+        return compacted
 
     def _find_stamped_beside(self, stale):
         try:
@@ -937,14 +987,20 @@ _LAYOUT_CHECKED = {}  # collection (full name) -> when this process last found i
 
 
 def _read(collection, ranges):
+    checking = None
     if time.monotonic() - _LAYOUT_CHECKED.get(collection.full_name, float("-inf")) > LAYOUT_RECHECK_SECONDS:
-        check_layout(collection)
-        _LAYOUT_CHECKED[collection.full_name] = time.monotonic()
+        # beside the read, not before it: one read in a hundred would otherwise wait for it
+        checking = _LOOKUPS.submit(contextvars.copy_context().run, check_layout, collection)
     for _ in range(READ_ATTEMPTS):
         answers = _Snapshot(collection).counts(ranges)
         if answers is not None:
-            return answers
-    raise _Busy("the counts changed under every read; try again")
+            break
+    if checking is not None:
+        checking.result()  # OldLayout: whatever was read is not an answer
+        _LAYOUT_CHECKED[collection.full_name] = time.monotonic()
+    if answers is None:
+        raise _Busy("the counts changed under every read; try again")
+    return answers
 
 
 class _Busy(PyMongoError):
@@ -1005,7 +1061,7 @@ class _Snapshot:
     def counts(self, ranges):
         """[[count per status]] of each [low_ms, high_ms) in `ranges`, or None when a round
         that began after the log was read touched what was read: then read again."""
-        log = list(self._log.find({}))  # the state first (argument 3), then the records
+        log = list(self._log.find({}, batch_size=LOG_BATCH))  # the state first (argument 3), then the records
         state = next((record for record in log if record["_id"] == "state"), {"round": 0, "records": []})
         self._round = state["round"]
         in_round = set(state["records"])
@@ -1023,6 +1079,7 @@ class _Snapshot:
         plans = [_plan(low, high) for low, high in ranges]
         self._fetch({(step[1], step[2]) if step[0] == "piece" else (0, step[1] // 1000 // HOUR)
                      for plan in plans for step in plan})
+        self._fetch_fragments([step for plan in plans for step in plan if step[0] == "detail"])
         answers = []
         for plan in plans:
             counts = [0] * STATUSES
@@ -1039,15 +1096,26 @@ class _Snapshot:
         return answers
 
     def _fetch(self, keys):
-        """The aggregates of `keys` ((level, bucket)): one query per collection."""
-        by_home = collections.defaultdict(dict)
-        for level, bucket in keys:
-            by_home[_home(self._raw, level, bucket).name][_aggregate_id(level, bucket)] = (level, bucket)
-        for name, ids in by_home.items():
-            for document in _find_ids(self._raw.database[name], list(ids)):
-                self._documents[ids[document["_id"]]] = document
-            for key in ids.values():
-                self._documents.setdefault(key, {"round": 0, "parts": ""})
+        """The aggregates of `keys` ((level, bucket)), looked up at once."""
+        where = {key: (_home(self._raw, *key), _aggregate_id(*key)) for key in keys}
+        found = _look_up(where.values())
+        for key, (home, _id) in where.items():
+            self._documents[key] = found.get((home.name, _id), {"round": 0, "parts": ""})
+
+    def _fragment_ids(self, low_ms):
+        """(collection, [_id]) of the fragments that hold the millisecond detail of the second of `low_ms`."""
+        second = low_ms // 1000
+        hour = second // HOUR
+        tags = _decode_fragments(self._documents[(0, hour)].get("fragments", "")).get(second - hour * HOUR, ())
+        return _fragments_home(self._raw, hour), [f"f:{hour}:{tag}" for tag in tags]
+
+    def _fetch_fragments(self, details):
+        """The fragments the hour documents name for the seconds of `details`, looked up at once."""
+        wanted = []
+        for _, low_ms, _ in details:
+            home, ids = self._fragment_ids(low_ms)
+            wanted += [(home, _id) for _id in ids]
+        self._fragments = _look_up(wanted)
 
     def _add_pending(self, counts, since_round, low_ms, high_ms):
         for by_status in (self._later, self._current) if since_round < self._round else (self._later,):
@@ -1069,15 +1137,14 @@ class _Snapshot:
         """Milliseconds [low_ms, high_ms) inside one second, from its hour's fragments."""
         second = low_ms // 1000
         hour = second // HOUR
-        document = self._documents[(0, hour)]
-        home = _fragments_home(self._raw, hour)
+        home, ids = self._fragment_ids(low_ms)
         low, high = low_ms - second * 1000, high_ms - second * 1000
-        for tag in _decode_fragments(document.get("fragments", "")).get(second - hour * HOUR, ()):
-            fragment = home.find_one({"_id": f"f:{hour}:{tag}"})
+        for _id in ids:
+            fragment = self._fragments.get((home.name, _id))
             if fragment is None:
                 self._stale = True  # merged and deleted by a later round
                 continue
             for ms, status in _decode_second(fragment["entries"], second - hour * HOUR):
                 if low <= ms < high:
                     counts[status] += 1
-        self._add_pending(counts, document["round"], low_ms, high_ms)
+        self._add_pending(counts, self._documents[(0, hour)]["round"], low_ms, high_ms)

@@ -82,8 +82,11 @@ def check(collection, low_ms, high_ms):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(steps=steps, final_ranges=st.lists(ranges, min_size=1, max_size=4))
-def test_counts_equal_raw_counts_through_crashes_redeliveries_and_folders_cut_short(database, steps, final_ranges):
+@given(steps=steps, final_ranges=st.lists(ranges, min_size=1, max_size=4), whole_hours_up_to=st.sampled_from([10**6, 3]))
+def test_counts_equal_raw_counts_through_crashes_redeliveries_and_folders_cut_short(database, steps, final_ranges,
+                                                                                    whole_hours_up_to, monkeypatch):
+    """`whole_hours_up_to` 3: a crowded second is merged alone, as in an hour too busy to merge whole."""
+    monkeypatch.setattr(counts, "MAX_COMPACTED_ENTRIES", whole_hours_up_to)
     collection = database[f"status_{uuid.uuid4().hex[:8]}"]
     clock = Clock()
     writer = counts.BatchWriter(collection)
@@ -404,6 +407,33 @@ def test_a_round_cut_short_and_finished_by_the_same_folder_is_exact(database, ch
                        (moments[2] - timedelta(milliseconds=1), moments[2] + timedelta(seconds=1)),
                        (moments[3], moments[3] + timedelta(milliseconds=251))]:
         assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end), (start, end)
+
+
+@pytest.mark.parametrize("whole_hours_up_to", [10**6, 3], ids=["whole hour merged", "busy hour: second alone"])
+def test_a_second_spread_over_many_rounds_is_merged_and_stays_exact(database, monkeypatch, whole_hours_up_to):
+    """Rounds that each touch the same two seconds (and another second of the hour): their
+    detail is merged so that no second is named in more than MAX_FRAGMENTS_PER_SECOND fragments,
+    the fragments no second names any more are deleted, and every bound inside those seconds stays exact."""
+    monkeypatch.setattr(counts, "MAX_COMPACTED_ENTRIES", whole_hours_up_to)
+    collection = database["status"]
+    writer, folder = counts.BatchWriter(collection), counts.Folder(collection)
+    hour = counts.epoch_seconds(BASE) // counts.HOUR
+    fragments = counts._fragments_home(collection, hour)
+    for number in range(3 * (counts.MAX_FRAGMENTS_PER_SECOND + 1)):
+        writer.write([{"_id": f"m{number}-{index}", "status": (number + index) % 7,
+                       "timestamp": BASE + timedelta(milliseconds=index * 250 + number)} for index in range(8)]
+                     + [{"_id": f"o{number}", "status": number % 7, "timestamp": BASE + timedelta(seconds=60 + number)}])
+        wait_until(folder.fold_once, what=f"round {number}")
+        for low_ms in range(0, 2100, 97):
+            start, end = BASE + timedelta(milliseconds=low_ms), BASE + timedelta(milliseconds=low_ms + 333)
+            assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end), (number, low_ms)
+        named = counts._decode_fragments(counts._hours_home(collection, hour).find_one({"_id": f"hour:{hour}"})["fragments"])
+        assert max(map(len, named.values())) <= counts.MAX_FRAGMENTS_PER_SECOND
+    writer.write([{"_id": "later", "status": 1, "timestamp": BASE + timedelta(hours=2)}])
+    wait_until(folder.fold_once, what="a round that deletes what the last merge superseded")
+    named = {tag for tags in named.values() for tag in tags}
+    kept = {document["_id"] for document in fragments.find({}, {"_id": 1}) if document["_id"].startswith(f"f:{hour}:")}
+    assert kept == {f"f:{hour}:{tag}" for tag in named}
 
 
 def messages(rng, prefix, number):
