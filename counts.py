@@ -188,19 +188,19 @@ SEPARATE_LOOKUPS = 3
 _LOOKUPS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="counts-lookup")
 
 
-def _look_up(wanted):
+def _look_up(wanted, separate=SEPARATE_LOOKUPS):
     """{(collection name, _id): document} of those found among [(collection, _id)], all looked
     up at once (within the caller's pymongo.timeout): on FerretDB one _id is answered from SQL,
     which stops at the match, while several ($in) cost a decoding pass over the whole
-    collection (3 to 5 times as long for two hours of a day). So a few _ids of one collection
-    get a query each, and more than SEPARATE_LOOKUPS one query together."""
+    collection (3 to 5 times as long for two hours of a day). So up to `separate` _ids of one
+    collection get a query each, and more one query together."""
     by_home = collections.defaultdict(dict)
     for home, _id in wanted:
         by_home[home.name][_id] = home
     queries = []
     for name, ids in by_home.items():
         home = next(iter(ids.values()))
-        if len(ids) > SEPARATE_LOOKUPS:
+        if len(ids) > separate:
             queries.append((home, {"_id": {"$in": list(ids)}}, 0))
         else:
             queries += [(home, {"_id": _id}, 1) for _id in ids]  # limit 1: the scan stops at the match
@@ -853,8 +853,8 @@ class Folder:
         whole = entries_in_hour <= MAX_COMPACTED_ENTRIES
         seconds = sorted(fragments) if whole else crowded
         tags = {tag for offset in seconds for tag in fragments[offset]}
-        with pymongo.timeout(STEP_SECONDS):
-            found = _look_up([(home, f"f:{hour}:{tag}") for tag in tags])
+        with pymongo.timeout(STEP_SECONDS):  # a busy hour's: a few, each its own query, as a reader's
+            found = _look_up([(home, f"f:{hour}:{tag}") for tag in tags], SEPARATE_LOOKUPS if whole else len(tags))
         if len(found) < len(tags):
             raise RuntimeError("a fragment that its hour names is missing")  # never deleted while named
         naming = collections.defaultdict(list)  # tag -> the seconds that name it
@@ -1115,7 +1115,8 @@ class _Snapshot:
         for _, low_ms, _ in details:
             home, ids = self._fragment_ids(low_ms)
             wanted += [(home, _id) for _id in ids]
-        self._fragments = _look_up(wanted)
+        # never together: a day's detail at 1,000 msg/s is hundreds of MB, which $in would decode whole
+        self._fragments = _look_up(wanted, separate=len(wanted))
 
     def _add_pending(self, counts, since_round, low_ms, high_ms):
         for by_status in (self._later, self._current) if since_round < self._round else (self._later,):

@@ -82,11 +82,14 @@ def check(collection, low_ms, high_ms):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(steps=steps, final_ranges=st.lists(ranges, min_size=1, max_size=4), whole_hours_up_to=st.sampled_from([10**6, 3]))
+@given(steps=steps, final_ranges=st.lists(ranges, min_size=1, max_size=4),
+       merging=st.sampled_from([(counts.MAX_FRAGMENTS_PER_SECOND, counts.MAX_COMPACTED_ENTRIES), (1, 10**6), (1, 0)]))
 def test_counts_equal_raw_counts_through_crashes_redeliveries_and_folders_cut_short(database, steps, final_ranges,
-                                                                                    whole_hours_up_to, monkeypatch):
-    """`whole_hours_up_to` 3: a crowded second is merged alone, as in an hour too busy to merge whole."""
-    monkeypatch.setattr(counts, "MAX_COMPACTED_ENTRIES", whole_hours_up_to)
+                                                                                    merging, monkeypatch):
+    """`merging`: a second's detail is merged once it is in more fragments than the first, the
+    whole hour's while it holds at most the second's messages, else that second's alone."""
+    monkeypatch.setattr(counts, "MAX_FRAGMENTS_PER_SECOND", merging[0])
+    monkeypatch.setattr(counts, "MAX_COMPACTED_ENTRIES", merging[1])
     collection = database[f"status_{uuid.uuid4().hex[:8]}"]
     clock = Clock()
     writer = counts.BatchWriter(collection)
