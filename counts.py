@@ -131,8 +131,11 @@ RECOVERY_SECONDS = 3600  # minutes for tens of millions of documents on FerretDB
 QUIET_SECONDS = STEP_SECONDS + 2
 LEASE_WINDOW = QUIET_SECONDS // LEASE_SECONDS + 2  # slots back in which a folder before may still write
 CACHED = 64
-MAX_RECORDS_PER_ROUND = 200  # 400,000 messages of batches at most: any fragment stays far below 16 MiB
-MAX_ROUND_CHARS = 4_000_000  # and a round's records take at most about 500,000 messages (rebuilt ones are bigger)
+# A round rewrites every hour it touches whole, so a backlog spread over days folds in as few
+# rounds as memory allows (8 bytes a message while folding); the fragment of one hour written by
+# one round then holds 2,000,000 entries at most, about 12 MB, below MongoDB's 16 MiB.
+MAX_ROUND_ENTRIES = 2_000_000
+MAX_RECORDS_PER_ROUND = 2_000  # the state names them: about 40 KB
 MAX_COMPACTED_ENTRIES = 1_000_000  # about 7 MB; an hour busier than that keeps its fragments
 WAIT_FOR_RECOVERY_SECONDS = 10 * RECOVER_AFTER_SECONDS
 
@@ -723,10 +726,11 @@ class Folder:
         else:
             records, size = [], 0
             for record in (record for record in log if record["_id"].startswith("c:")):
-                if records and (len(records) == MAX_RECORDS_PER_ROUND or size + len(record["entries"]) > MAX_ROUND_CHARS):
+                entries = record["entries"].count(",") + 1 if record["entries"] else 0
+                if records and (len(records) == MAX_RECORDS_PER_ROUND or size + entries > MAX_ROUND_ENTRIES):
                     break
                 records.append(record)
-                size += len(record["entries"])
+                size += entries
             if not records:
                 return False
             number = state["round"] + 1
@@ -757,20 +761,34 @@ class Folder:
         return True
 
     def _apply(self, number, records):
-        hours, fragments = {}, {}  # hour -> {second offset: counts}, hour -> [(ms in hour, status)]
+        """Add the records into every aggregate they touch: the hours day by day (each day's
+        fragments first, then its hours), then the days, spans and `all` from the hours' totals."""
+        by_hour = collections.defaultdict(lambda: array.array("q"))  # hour -> ms in hour·8 + status: compact
         for record in records:
             for ms, status in zip(*_decode_entries(record["entries"])):
-                second = ms // 1000
-                hour = second // HOUR
-                hours.setdefault(hour, {}).setdefault(second - hour * HOUR, [0] * STATUSES)[status] += 1
-                fragments.setdefault(hour, []).append((ms - hour * HOUR * 1000, status))
-        by_home = {}
-        for hour, entries in fragments.items():
-            by_home.setdefault(_fragments_home(self._raw, hour).name, []).append(
-                {"_id": f"f:{hour}:{number}", "entries": _encode_seconds(sorted(entries))})
-        for home, documents in by_home.items():
-            self._insert_once(home, documents)
-        level_parts = [hours]
+                hour = ms // (HOUR * 1000)
+                by_hour[hour].append((ms - hour * HOUR * 1000) * 8 + status)
+        days = collections.defaultdict(list)
+        for hour in by_hour:
+            days[hour * HOUR // DAY].append(hour)
+        totals = {}  # hour -> [7 counts] this round adds
+        for day in sorted(days):
+            seconds, fragments = {}, []  # hour -> {second offset: counts}; the day's fragment documents
+            for hour in sorted(days[day]):
+                entries = [(value >> 3, value & 7) for value in sorted(by_hour.pop(hour))]
+                parts = seconds[hour] = {}
+                for ms, status in entries:
+                    parts.setdefault(ms // 1000, [0] * STATUSES)[status] += 1
+                fragments.append({"_id": f"f:{hour}:{number}", "entries": _encode_seconds(entries)})
+            self._insert_once(_fragments_home(self._raw, days[day][0]).name, fragments)
+            current = self._current(0, seconds)
+            for hour, parts in seconds.items():
+                if not self._renewing():
+                    raise _LeaseLost()
+                with pymongo.timeout(STEP_SECONDS):
+                    self._merge(number, 0, hour, parts, current[hour])
+                totals[hour] = [sum(counts[status] for counts in parts.values()) for status in range(STATUSES)]
+        level_parts = [{hour: {0: total} for hour, total in totals.items()}]  # each hour as one part: its total
         for level in range(1, TOP + 1):  # each level's parts are the totals of the level below
             child_size = LEVELS[level - 1]
             size = LEVELS[level] if level < TOP else None
@@ -783,7 +801,7 @@ class Folder:
                 offset = child - bucket * (size // child_size) if size else child
                 _add(parts.setdefault(bucket, {}).setdefault(offset, [0] * STATUSES), total)
             level_parts.append(parts)
-        for level, buckets in enumerate(level_parts):
+        for level, buckets in enumerate(level_parts[1:], start=1):
             current = self._current(level, buckets)
             for bucket, parts in buckets.items():
                 if not self._renewing():
