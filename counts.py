@@ -23,18 +23,18 @@ but for two per day of data:
 - `<c>_counts_<YYYYMMDD>_ms`: the fragments `{_id: "f:<hour>:<tag>", entries}`: each
   round's millisecond times and statuses within one hour, grouped by second (tag: the
   round). Once a second is spread over more than MAX_FRAGMENTS_PER_SECOND, all of its hour's
-  are merged into one (tag: "<round>c"), or, in an hour too busy for one document, that
-  second's alone ("<round>c<second>"). Read only for a bound inside a second.
+  are merged (in an hour too busy, those of its crowded seconds), into pieces of at most
+  MAX_COMPACTED_ENTRIES (tag: "<round>c<piece>"). Read only for a bound inside a second.
 Every raw document carries `batch`, the id of the batch that inserted it. Stored messages
 without counts (an earlier version's), or counts in another layout, are refused by server.py,
 readers and folders alike, until `rebuild` has kept them again from the raw documents.
 
 The store is FerretDB 1.24 by default: it answers a lookup of one string _id from SQL,
-but reads its whole table for that; every other filter decodes every document of the
-collection; it has no transactions and no lock between an update's read and its write,
-and one update command holds a connection of a 100-connection pool for each of its
-statements until the command ends (several concurrent multi-statement updates deadlock
-the database for good). Hence: the only atomic step used is an insert's unique _id;
+reading its table up to the match (all of it when absent); every other filter decodes
+every document of the collection; it has no transactions and no lock between an update's
+read and its write, and one update command holds a connection of a 100-connection pool for
+each of its statements until the command ends (several concurrent multi-statement updates
+deadlock the database for good). Hence: the only atomic step used is an insert's unique _id;
 writers only insert; one folder writes aggregates, one single-statement update at a time;
 readers look documents up by _id in small collections.
 
@@ -136,7 +136,7 @@ CACHED = 64
 # one round then holds 2,000,000 entries at most, about 12 MB, below MongoDB's 16 MiB.
 MAX_ROUND_ENTRIES = 2_000_000
 MAX_RECORDS_PER_ROUND = 2_000  # the state names them: about 40 KB
-MAX_COMPACTED_ENTRIES = 1_000_000  # about 7 MB; an hour busier than that keeps its fragments
+MAX_COMPACTED_ENTRIES = 1_000_000  # about 7 MB: one merged fragment at most; a busier hour's are merged in pieces
 WAIT_FOR_RECOVERY_SECONDS = 10 * RECOVER_AFTER_SECONDS
 
 
@@ -325,13 +325,23 @@ def _decode_entries(text):
     return times, statuses
 
 
-def _encode_seconds(entries):
-    """Sorted [(ms in hour, status)] -> ";second:ms in second·10+status,...;..." (a fragment: a
-    reader finds one second's entries by a substring search, without decoding the rest)."""
-    by_second = {}
-    for ms, status in entries:
-        by_second.setdefault(ms // 1000, []).append(str(ms % 1000 * 10 + status))
-    return "".join(f";{second}:{','.join(values)}" for second, values in by_second.items())
+def _encode_hour(values):
+    """Sorted [ms in hour·8 + status] -> (";second:ms in second·10+status,...;...", {second: [7
+    counts]}), in one pass and without a tuple per entry (a round may hold 2,000,000 of one hour).
+    The text is a fragment's: a reader finds one second's entries by a substring search."""
+    text, parts, second, entries, counts = [], {}, None, [], None
+    for value in values:
+        ms, status = value >> 3, value & 7
+        if ms // 1000 != second:
+            if entries:
+                text.append(f";{second}:{','.join(entries)}")
+            second, entries = ms // 1000, []
+            counts = parts[second] = [0] * STATUSES
+        counts[status] += 1
+        entries.append(str(ms % 1000 * 10 + status))
+    if entries:
+        text.append(f";{second}:{','.join(entries)}")
+    return "".join(text), parts
 
 
 def _decode_second(text, second):
@@ -342,11 +352,6 @@ def _decode_second(text, second):
     start = text.index(":", start) + 1
     end = text.find(";", start)
     return [divmod(int(value), 10) for value in text[start:end if end >= 0 else len(text)].split(",")]
-
-
-def _split_seconds(text):
-    """{second: "ms in second·10+status,..."} of a fragment."""
-    return {int(second): values for second, values in (part.split(":") for part in text.split(";")[1:])}
 
 
 def _encode_parts(parts):
@@ -775,11 +780,8 @@ class Folder:
         for day in sorted(days):
             seconds, fragments = {}, []  # hour -> {second offset: counts}; the day's fragment documents
             for hour in sorted(days[day]):
-                entries = [(value >> 3, value & 7) for value in sorted(by_hour.pop(hour))]
-                parts = seconds[hour] = {}
-                for ms, status in entries:
-                    parts.setdefault(ms // 1000, [0] * STATUSES)[status] += 1
-                fragments.append({"_id": f"f:{hour}:{number}", "entries": _encode_seconds(entries)})
+                text, seconds[hour] = _encode_hour(sorted(by_hour.pop(hour)))
+                fragments.append({"_id": f"f:{hour}:{number}", "entries": text})
             self._insert_once(_fragments_home(self._raw, days[day][0]).name, fragments)
             current = self._current(0, seconds)
             for hour, parts in seconds.items():
@@ -849,7 +851,7 @@ class Folder:
                 fragments.setdefault(offset, []).append(str(number))
             crowded = [offset for offset, tags in fragments.items() if len(tags) > MAX_FRAGMENTS_PER_SECOND]
             if crowded:
-                fragments = self._compact(number, bucket, fragments, crowded, sum(map(sum, merged.values())))
+                fragments = self._compact(number, bucket, fragments, crowded, merged)
             document["fragments"] = _encode_fragments(fragments)
         home.replace_one({"_id": _id}, document, upsert=True)
         self._remember(level, bucket, document)
@@ -859,40 +861,47 @@ class Folder:
         while len(self._cache) > CACHED:
             self._cache.popitem(last=False)
 
-    def _compact(self, number, hour, fragments, crowded, entries_in_hour):
-        """{second offset: [fragment tags]} once the detail of the crowded seconds is merged: the
-        whole hour's into one fragment, tagged "<round>c", while it holds at most
-        MAX_COMPACTED_ENTRIES (so that a quiet day keeps few fragments), else each crowded
-        second's into one of its own, "<round>c<second offset>" (a busy hour merged would
-        outgrow 16 MiB, and reading all its fragments each round would stall the folder).
-        The fragments no second names any more are deleted in the next round, once no reader
-        can still be reading the hour document that named them."""
+    def _compact(self, number, hour, fragments, crowded, by_second):
+        """{second offset: [fragment tags]} once the detail of some seconds is merged: of every
+        second of the hour while it holds at most MAX_COMPACTED_ENTRIES messages (so that a quiet
+        day keeps few fragments), else of the `crowded` seconds only. They are merged in second
+        order into pieces of at most MAX_COMPACTED_ENTRIES messages (16 MiB is MongoDB's limit),
+        tagged "<round>c<piece>", each second taking its entries from the fragments it names
+        only; so a busy hour merged again reads a few pieces, never a fragment per second.
+        `by_second`: {second offset: [7 counts]} of the hour. This folder deletes the fragments
+        no second names any more in its next round, once no reader can still be reading the hour
+        document that named them (another folder leaves them: they are never named again)."""
         home = _fragments_home(self._raw, hour)
-        whole = entries_in_hour <= MAX_COMPACTED_ENTRIES
-        seconds = sorted(fragments) if whole else crowded
-        tags = {tag for offset in seconds for tag in fragments[offset]}
-        with pymongo.timeout(STEP_SECONDS):  # a busy hour's: a few, each its own query, as a reader's
-            found = _look_up([(home, f"f:{hour}:{tag}") for tag in tags], SEPARATE_LOOKUPS if whole else len(tags))
+        whole = sum(map(sum, by_second.values())) <= MAX_COMPACTED_ENTRIES
+        seconds = sorted(fragments) if whole else sorted(crowded)
+        tags = sorted({tag for offset in seconds for tag in fragments[offset]})
+        with pymongo.timeout(STEP_SECONDS):  # each its own query: $in would decode the day's detail whole
+            found = _look_up([(home, f"f:{hour}:{tag}") for tag in tags], separate=len(tags))
         if len(found) < len(tags):
             raise RuntimeError("a fragment that its hour names is missing")  # never deleted while named
-        naming = collections.defaultdict(list)  # tag -> the seconds that name it
+        texts = {tag: found[(home.name, f"f:{hour}:{tag}")]["entries"] for tag in tags}
+        read_up_to = dict.fromkeys(tags, 0)  # fragments list their seconds in order: each is read once, in order
+
+        def values(tag, offset):
+            text, header = texts[tag], f";{offset}:"
+            start = text.index(header, read_up_to[tag]) + len(header)
+            end = text.find(";", start)
+            read_up_to[tag] = end = len(text) if end < 0 else end
+            return text[start:end]
+
+        pieces, merged, size = [], {}, 0  # [[";second:values"]], second offset -> its piece's tag
         for offset in seconds:
-            for tag in fragments[offset]:
-                naming[tag].append(offset)
-        detail = collections.defaultdict(list)  # second offset -> [(ms in hour, status)] of the fragments it names
-        for tag, offsets in naming.items():  # a fragment may hold seconds merged before: those name another
-            by_second = _split_seconds(found[(home.name, f"f:{hour}:{tag}")]["entries"])
-            for offset in offsets:
-                detail[offset].extend((offset * 1000 + int(value) // 10, int(value) % 10)
-                                      for value in by_second[offset].split(","))
-        merged = {offset: f"{number}c" if whole else f"{number}c{offset}" for offset in seconds}
-        documents = {}
-        for offset in seconds:
-            documents.setdefault(merged[offset], []).extend(detail.get(offset, ()))
+            entries = sum(by_second[offset])
+            if not pieces or (size and size + entries > MAX_COMPACTED_ENTRIES):
+                pieces.append([])
+                size = 0
+            pieces[-1].append(f";{offset}:{','.join(values(tag, offset) for tag in fragments[offset])}")
+            merged[offset] = f"{number}c{len(pieces) - 1}"
+            size += entries
         # Written again alike by a retry of this round: the same fragments, named by the same hour document.
-        self._insert_once(home.name, [{"_id": f"f:{hour}:{tag}", "entries": _encode_seconds(sorted(entries))}
-                                      for tag, entries in documents.items()])
-        compacted = {**fragments, **{offset: [merged[offset]] for offset in seconds}}
+        self._insert_once(home.name, [{"_id": f"f:{hour}:{number}c{number_in_hour}", "entries": "".join(piece)}
+                                      for number_in_hour, piece in enumerate(pieces)])
+        compacted = {**fragments, **{offset: [tag] for offset, tag in merged.items()}}
         named = {tag for tags in compacted.values() for tag in tags}
         unnamed = set().union(*fragments.values()) - named
         if unnamed:
@@ -1005,8 +1014,8 @@ _LAYOUT_CHECKED = {}  # collection (full name) -> when this process last found i
 
 
 def _read(collection, ranges):
-    checking = None
-    if time.monotonic() - _LAYOUT_CHECKED.get(collection.full_name, float("-inf")) > LAYOUT_RECHECK_SECONDS:
+    checking, now = None, time.monotonic()
+    if now - _LAYOUT_CHECKED.get(collection.full_name, float("-inf")) > LAYOUT_RECHECK_SECONDS:
         # beside the read, not before it: one read in a hundred would otherwise wait for it
         checking = _LOOKUPS.submit(contextvars.copy_context().run, check_layout, collection)
     for _ in range(READ_ATTEMPTS):
@@ -1015,7 +1024,7 @@ def _read(collection, ranges):
             break
     if checking is not None:
         checking.result()  # OldLayout: whatever was read is not an answer
-        _LAYOUT_CHECKED[collection.full_name] = time.monotonic()
+        _LAYOUT_CHECKED[collection.full_name] = now  # when the check began: a rebuild waits from there
     if answers is None:
         raise _Busy("the counts changed under every read; try again")
     return answers

@@ -412,11 +412,14 @@ def test_a_round_cut_short_and_finished_by_the_same_folder_is_exact(database, ch
         assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end), (start, end)
 
 
-@pytest.mark.parametrize("whole_hours_up_to", [10**6, 3], ids=["whole hour merged", "busy hour: second alone"])
-def test_a_second_spread_over_many_rounds_is_merged_and_stays_exact(database, monkeypatch, whole_hours_up_to):
-    """Rounds that each touch the same two seconds (and another second of the hour): their
+@pytest.mark.parametrize("whole_hours_up_to", [10**6, 50], ids=["whole hour merged", "busy hour: crowded seconds"])
+def test_seconds_spread_over_many_rounds_are_merged_into_a_few_pieces_and_stay_exact(database, monkeypatch,
+                                                                                   whole_hours_up_to):
+    """Rounds that each touch the same ten seconds (and another second of the hour): their
     detail is merged so that no second is named in more than MAX_FRAGMENTS_PER_SECOND fragments,
-    the fragments no second names any more are deleted, and every bound inside those seconds stays exact."""
+    into pieces of at most MAX_COMPACTED_ENTRIES messages (so a busy hour names a few pieces, not
+    one per second), the fragments no second names any more are deleted, and every bound inside
+    those seconds stays exact."""
     monkeypatch.setattr(counts, "MAX_COMPACTED_ENTRIES", whole_hours_up_to)
     collection = database["status"]
     writer, folder = counts.BatchWriter(collection), counts.Folder(collection)
@@ -424,19 +427,21 @@ def test_a_second_spread_over_many_rounds_is_merged_and_stays_exact(database, mo
     fragments = counts._fragments_home(collection, hour)
     for number in range(3 * (counts.MAX_FRAGMENTS_PER_SECOND + 1)):
         writer.write([{"_id": f"m{number}-{index}", "status": (number + index) % 7,
-                       "timestamp": BASE + timedelta(milliseconds=index * 250 + number)} for index in range(8)]
+                       "timestamp": BASE + timedelta(milliseconds=index * 250 + number)} for index in range(40)]
                      + [{"_id": f"o{number}", "status": number % 7, "timestamp": BASE + timedelta(seconds=60 + number)}])
         wait_until(folder.fold_once, what=f"round {number}")
-        for low_ms in range(0, 2100, 97):
+        for low_ms in range(0, 10_500, 97):
             start, end = BASE + timedelta(milliseconds=low_ms), BASE + timedelta(milliseconds=low_ms + 333)
             assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end), (number, low_ms)
         named = counts._decode_fragments(counts._hours_home(collection, hour).find_one({"_id": f"hour:{hour}"})["fragments"])
         assert max(map(len, named.values())) <= counts.MAX_FRAGMENTS_PER_SECOND
+        pieces = {tag for offset in range(10) for tag in named[offset]}  # the ten seconds every round touches
+        assert len(pieces) <= 40 * (number + 1) // whole_hours_up_to + 1 + counts.MAX_FRAGMENTS_PER_SECOND
+    named_tags = {tag for tags in named.values() for tag in tags}
     writer.write([{"_id": "later", "status": 1, "timestamp": BASE + timedelta(hours=2)}])
     wait_until(folder.fold_once, what="a round that deletes what the last merge superseded")
-    named = {tag for tags in named.values() for tag in tags}
     kept = {document["_id"] for document in fragments.find({}, {"_id": 1}) if document["_id"].startswith(f"f:{hour}:")}
-    assert kept == {f"f:{hour}:{tag}" for tag in named}
+    assert kept == {f"f:{hour}:{tag}" for tag in named_tags}
 
 
 def messages(rng, prefix, number):
