@@ -36,6 +36,7 @@ bench: venv services
 	$(PY) bench/ingest.py --telegraf
 	$(PY) bench/query.py
 	$(PY) bench/live.py
+	$(PY) bench/fold.py
 
 # 30 minutes of ingest at 1,000 msg/s, queries and a kill -9 of a server process every 3 minutes.
 soak: venv services
