@@ -177,15 +177,6 @@ def _home(collection, level, bucket):
     return _hours_home(collection, bucket) if level == 0 else _collections(collection)[1]
 
 
-def _find_ids(home, ids):
-    """The documents of `home` with these _ids, in one query: one _id is looked up from SQL on
-    FerretDB, several cost one pass over the collection."""
-    if len(ids) == 1:
-        document = home.find_one({"_id": ids[0]})
-        return [document] if document is not None else []
-    return list(home.find({"_id": {"$in": ids}}))
-
-
 # Lookups run side by side: each waits on the store, and FerretDB answers them on several connections.
 SEPARATE_LOOKUPS = 3
 _LOOKUPS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="counts-lookup")
@@ -830,10 +821,11 @@ class Folder:
                 found[bucket] = cached
             else:
                 wanted[_home(self._raw, level, bucket).name][_aggregate_id(level, bucket)] = bucket
-        for name, by_id in wanted.items():
-            with pymongo.timeout(STEP_SECONDS):
-                for document in _find_ids(self._raw.database[name], list(by_id)):
-                    found[by_id[document["_id"]]] = document
+        with pymongo.timeout(STEP_SECONDS):  # several of a collection in one pass, not one each
+            documents = _look_up([(self._raw.database[name], _id) for name, by_id in wanted.items() for _id in by_id],
+                                 separate=1)
+        for (name, _id), document in documents.items():
+            found[wanted[name][_id]] = document
         return {bucket: found.get(bucket) or {"round": 0, "parts": ""} for bucket in buckets}
 
     def _merge(self, number, level, bucket, parts, current):
