@@ -83,13 +83,16 @@ def check(collection, low_ms, high_ms):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=steps, final_ranges=st.lists(ranges, min_size=1, max_size=4),
-       merging=st.sampled_from([(counts.MAX_FRAGMENTS_PER_SECOND, counts.MAX_COMPACTED_ENTRIES), (1, 10**6), (1, 0)]))
+       merging=st.sampled_from([(counts.MAX_FRAGMENTS_PER_SECOND, counts.MAX_WHOLE_HOUR_ENTRIES,
+                                 counts.MAX_COMPACTED_ENTRIES), (1, 10**6, 10**6), (1, 0, 0), (1, 10**6, 3)]))
 def test_counts_equal_raw_counts_through_crashes_redeliveries_and_folders_cut_short(database, steps, final_ranges,
                                                                                     merging, monkeypatch):
     """`merging`: a second's detail is merged once it is in more fragments than the first, the
-    whole hour's while it holds at most the second's messages, else that second's alone."""
+    whole hour's while it holds at most the second's messages, else that second's alone, into
+    pieces of at most the third's."""
     monkeypatch.setattr(counts, "MAX_FRAGMENTS_PER_SECOND", merging[0])
-    monkeypatch.setattr(counts, "MAX_COMPACTED_ENTRIES", merging[1])
+    monkeypatch.setattr(counts, "MAX_WHOLE_HOUR_ENTRIES", merging[1])
+    monkeypatch.setattr(counts, "MAX_COMPACTED_ENTRIES", merging[2])
     collection = database[f"status_{uuid.uuid4().hex[:8]}"]
     clock = Clock()
     writer = counts.BatchWriter(collection)
@@ -412,15 +415,17 @@ def test_a_round_cut_short_and_finished_by_the_same_folder_is_exact(database, ch
         assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end), (start, end)
 
 
-@pytest.mark.parametrize("whole_hours_up_to", [10**6, 50], ids=["whole hour merged", "busy hour: crowded seconds"])
+@pytest.mark.parametrize("whole_hours_up_to, piece_entries", [(10**6, 10**6), (50, 50), (10**6, 7)],
+                         ids=["whole hour merged", "busy hour: crowded seconds", "whole hour in small pieces"])
 def test_seconds_spread_over_many_rounds_are_merged_into_a_few_pieces_and_stay_exact(database, monkeypatch,
-                                                                                   whole_hours_up_to):
+                                                                                   whole_hours_up_to, piece_entries):
     """Rounds that each touch the same ten seconds (and another second of the hour): their
     detail is merged so that no second is named in more than MAX_FRAGMENTS_PER_SECOND fragments,
     into pieces of at most MAX_COMPACTED_ENTRIES messages (so a busy hour names a few pieces, not
     one per second), the fragments no second names any more are deleted, and every bound inside
     those seconds stays exact."""
-    monkeypatch.setattr(counts, "MAX_COMPACTED_ENTRIES", whole_hours_up_to)
+    monkeypatch.setattr(counts, "MAX_WHOLE_HOUR_ENTRIES", whole_hours_up_to)
+    monkeypatch.setattr(counts, "MAX_COMPACTED_ENTRIES", piece_entries)
     collection = database["status"]
     writer, folder = counts.BatchWriter(collection), counts.Folder(collection)
     hour = counts.epoch_seconds(BASE) // counts.HOUR
@@ -436,7 +441,7 @@ def test_seconds_spread_over_many_rounds_are_merged_into_a_few_pieces_and_stay_e
         named = counts._decode_fragments(counts._hours_home(collection, hour).find_one({"_id": f"hour:{hour}"})["fragments"])
         assert max(map(len, named.values())) <= counts.MAX_FRAGMENTS_PER_SECOND
         pieces = {tag for offset in range(10) for tag in named[offset]}  # the ten seconds every round touches
-        assert len(pieces) <= 40 * (number + 1) // whole_hours_up_to + 1 + counts.MAX_FRAGMENTS_PER_SECOND
+        assert len(pieces) <= 40 * (number + 1) // piece_entries + 1 + counts.MAX_FRAGMENTS_PER_SECOND
     named_tags = {tag for tags in named.values() for tag in tags}
     writer.write([{"_id": "later", "status": 1, "timestamp": BASE + timedelta(hours=2)}])
     wait_until(folder.fold_once, what="a round that deletes what the last merge superseded")
