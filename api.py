@@ -196,7 +196,7 @@ def _time_range():
     start = _time_parameter("start")
     end = _time_parameter("end")
     if start > end:
-        raise BadRequest(f"start ({_format(start)}) is after end ({_format(end)})")
+        raise BadRequest(f"parameter 'start' ({_format(start)}) is after parameter 'end' ({_format(end)})")
     return start, end
 
 

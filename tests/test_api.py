@@ -191,7 +191,7 @@ def test_invalid_request_is_400_naming_the_parameter(client, query, parameter):
     response = client.get(f"/status-count?{query}")
     assert response.status_code == 400
     assert response.is_json
-    assert parameter in response.get_json()["error"]
+    assert f"parameter '{parameter}'" in response.get_json()["error"]
 
 
 def test_series_has_every_aligned_bucket_with_zeros_and_each_equals_status_count(app, client):
