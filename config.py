@@ -42,14 +42,17 @@ def _port_or_zero(name, default):
     return int(value)
 
 
-def _seconds(name, default, most):
+def _seconds(name, default, most, least=None):
+    """A number of seconds above 0 (or at least `least`) and at most `most`."""
     value = os.environ.get(name, str(default))
     try:
         seconds = float(value) if value.isascii() else math.nan
     except ValueError:
         seconds = math.nan
-    if not 0 < seconds <= most:  # also refuses nan and inf
+    if least is None and not 0 < seconds <= most:  # also refuses nan and inf
         _fail(name, value, f"a number of seconds above 0 and at most {most}")
+    if least is not None and not least <= seconds <= most:
+        _fail(name, value, f"a number of seconds between {least:g} and {most}")
     return seconds
 
 
@@ -90,7 +93,8 @@ RABBITMQ_HEARTBEAT_SECONDS = _whole_number("RABBITMQ_HEARTBEAT_SECONDS", 30, 360
 RABBITMQ_BLOCKED_SECONDS = _seconds("RABBITMQ_BLOCKED_SECONDS", 60, 86400)
 # Well above a loaded store's slowest write: a write given up on is recovered by reading the raw
 # collection, minutes per million documents on FerretDB, and batches meeting its documents wait.
-MONGO_WRITE_TIMEOUT_SECONDS = _seconds("MONGO_WRITE_TIMEOUT_SECONDS", 30, 3600)
+# At least a second: below a store's ordinary latency every write would fail and be retried forever.
+MONGO_WRITE_TIMEOUT_SECONDS = _seconds("MONGO_WRITE_TIMEOUT_SECONDS", 30, 3600, least=1)
 MONGO_STARTUP_TIMEOUT_SECONDS = _seconds("MONGO_STARTUP_TIMEOUT_SECONDS", 600, 86400)
 MONGO_OUTAGE_EXIT_SECONDS = _seconds("MONGO_OUTAGE_EXIT_SECONDS", 300, 86400)
 API_HOST = _name("API_HOST", "127.0.0.1")

@@ -241,7 +241,8 @@ def test_health_reports_a_store_that_answers_ping_but_not_writes(pipeline, store
 
 
 def test_invalid_durations_stop_the_server_with_one_line(pipeline):
-    for name, value in [("MONGO_WRITE_TIMEOUT_SECONDS", "0"), ("MONGO_OUTAGE_EXIT_SECONDS", "-3"),
+    for name, value in [("MONGO_WRITE_TIMEOUT_SECONDS", "0"), ("MONGO_WRITE_TIMEOUT_SECONDS", "0.001"),
+                        ("MONGO_OUTAGE_EXIT_SECONDS", "-3"),
                         ("RABBITMQ_BLOCKED_SECONDS", "nan"), ("RABBITMQ_HEARTBEAT_SECONDS", "1.5"),
                         ("MONGO_STARTUP_TIMEOUT_SECONDS", "soon")]:
         process = pipeline.start("server.py", env={name: value}, name=f"server-{uuid.uuid4().hex[:6]}")
