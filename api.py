@@ -112,7 +112,8 @@ def create_app(test_config=None):
         start, end = _time_range()
         step = request.args.get("step", "")
         if step not in STEPS or len(request.args.getlist("step")) > 1:
-            raise BadRequest(f"parameter 'step' must be given once, one of {', '.join(STEPS)}: {step[:16]!r}")
+            shown = f"{step[:16]!r}" + (f" (first 16 of {len(step)} characters)" if len(step) > 16 else "")
+            raise BadRequest(f"parameter 'step' must be given once, one of {', '.join(STEPS)}: {shown}")
         low, high = counts.epoch_ms(start), counts.epoch_ms(end)
         buckets = -(-high // (STEPS[step] * 1000)) - low // (STEPS[step] * 1000) if low < high else 0
         if buckets > MAX_BUCKETS:

@@ -246,6 +246,11 @@ def test_invalid_series_request_is_400_naming_the_parameter(client, query, param
     assert f"'{parameter}'" in response.get_json()["error"] or f"{parameter} (" in response.get_json()["error"]
 
 
+def test_an_over_long_step_is_shown_cut_short_saying_so(client):
+    error = client.get("/status-series?start=2026-11-27&end=2026-11-28&step=" + "1" * 5000).get_json()["error"]
+    assert "'1111111111111111' (first 16 of 5000 characters)" in error
+
+
 def test_health_answers_200_when_mongodb_answers(client):
     assert client.get("/health").status_code == 200
 
