@@ -884,18 +884,18 @@ class Folder:
             read_up_to[tag] = end = len(text) if end < 0 else end
             return text[start:end]
 
-        pieces, merged, size = [], {}, 0  # [[";second:values"]], second offset -> its piece's tag
+        pieces, merged, size = {}, {}, 0  # tag -> [";second:values"], second offset -> its piece's tag
         for offset in seconds:
             entries = sum(by_second[offset])
             if not pieces or (size and size + entries > MAX_COMPACTED_ENTRIES):
-                pieces.append([])
-                size = 0
-            pieces[-1].append(f";{offset}:{','.join(values(tag, offset) for tag in fragments[offset])}")
-            merged[offset] = f"{number}c{len(pieces) - 1}"
+                piece_tag = f"{number}c{len(pieces)}"
+                pieces[piece_tag], size = [], 0
+            pieces[piece_tag].append(f";{offset}:{','.join(values(tag, offset) for tag in fragments[offset])}")
+            merged[offset] = piece_tag
             size += entries
         # Written again alike by a retry of this round: the same fragments, named by the same hour document.
-        self._insert_once(home.name, [{"_id": f"f:{hour}:{number}c{number_in_hour}", "entries": "".join(piece)}
-                                      for number_in_hour, piece in enumerate(pieces)])
+        self._insert_once(home.name, [{"_id": f"f:{hour}:{tag}", "entries": "".join(piece)}
+                                      for tag, piece in pieces.items()])
         compacted = {**fragments, **{offset: [tag] for offset, tag in merged.items()}}
         named = {tag for tags in compacted.values() for tag in tags}
         unnamed = set().union(*fragments.values()) - named
