@@ -19,6 +19,7 @@ from pathlib import Path
 import pymongo
 from flask import Flask, g, jsonify, render_template, request, send_file
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from pymongo.errors import DuplicateKeyError, PyMongoError
 from werkzeug.exceptions import HTTPException
 
@@ -67,6 +68,8 @@ def create_app(test_config=None):
                              ["endpoint", "code"], registry=registry)
     request_seconds = Histogram("status_api_request_duration_seconds", "Time to answer a request, by endpoint",
                                 ["endpoint"], registry=registry)
+
+    registry.register(_CountsCollector())
 
     @app.before_request
     def start_timer():
@@ -173,6 +176,15 @@ def create_app(test_config=None):
         return jsonify(error="internal error"), 500
 
     return app
+
+
+class _CountsCollector:
+    """The counts' own figures, read when /metrics is asked (prometheus_client's custom collector)."""
+
+    def collect(self):
+        yield CounterMetricFamily("status_api_count_reads_started_over",
+                                  "Reads of the counts begun again because a folding round changed what they read",
+                                  value=counts.reads_started_over())
 
 
 def _time_parameter(name):

@@ -1006,6 +1006,14 @@ def series(collection, start, end, step_seconds):
 
 
 _LAYOUT_CHECKED = {}  # collection (full name) -> when this process last found its counts in LAYOUT (monotonic)
+_reads_started_over = [0]
+_reads_started_over_lock = threading.Lock()
+
+
+def reads_started_over():
+    """How many reads of this process began again because a folding round changed what they read
+    (argument 3 above): each costs a second read, so they show in the slowest answers."""
+    return _reads_started_over[0]
 
 
 def _read(collection, ranges):
@@ -1017,6 +1025,8 @@ def _read(collection, ranges):
         answers = _Snapshot(collection).counts(ranges)
         if answers is not None:
             break
+        with _reads_started_over_lock:
+            _reads_started_over[0] += 1
     if checking is not None:
         checking.result()  # OldLayout: whatever was read is not an answer
         _LAYOUT_CHECKED[collection.full_name] = now  # when the check began: a rebuild waits from there

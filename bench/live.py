@@ -10,7 +10,8 @@ it buffered) and drained by server.py; api.py answers over HTTP. Then, for --sec
 - messages arrive at --rate per second, timestamped now, and one in twenty is a backfill
   (a device that was offline: a timestamp up to a day old);
 - a query loop asks for ranges that end at now, with millisecond bounds: the last 5 minutes,
-  1 hour, 24 hours, 7 days and 30 days; p50 and p99 per kind;
+  1 hour, 24 hours, 7 days and 30 days; p50 and p99 per kind, and how many reads began
+  again because a folding round rewrote what they were reading (api.py's metric);
 - the naive aggregation over the raw documents answers one range, for comparison.
 Then the burst ratio: how fast server.py stores a burst of --burst messages while a
 dashboard's load runs (two queries a second over the ranges above) against without it,
@@ -39,6 +40,7 @@ import ingest  # sets this run's exchange, queue and database names before confi
 from ingest import ROOT, ServerProcess, connect, free_port, store_name
 
 import pymongo  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 import config  # noqa: E402
 from client import AmqpPublisher  # noqa: E402
@@ -156,6 +158,14 @@ def burst(count, rng, server):
     return count / (server.wait_stored(before + count, timeout=600) - began)
 
 
+def reads_started_over(port):
+    """api.py's count of reads begun again because a folding round rewrote what they read."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as response:
+        text = response.read().decode()
+    return next(int(sample.value) for family in text_string_to_metric_families(text) for sample in family.samples
+                if sample.name == "status_api_count_reads_started_over_total")
+
+
 def one_pass(collection, ranges):
     """[count per status] for every range from one read of the raw documents."""
     times = [[] for _ in range(counts.STATUSES)]
@@ -236,10 +246,12 @@ def main():
 
         publisher, queries = Publisher(args.rate, random.Random(12)), QueryLoop(port, series=True)
         publisher.start()
+        started_over = reads_started_over(port)
         queries.start()
         time.sleep(args.seconds)
         queries.stopping.set()
         queries.join(120)
+        started_over = reads_started_over(port) - started_over
         naive_ms = []
         for _ in range(args.naive):  # while messages still arrive
             end = datetime.now(timezone.utc)
@@ -291,6 +303,7 @@ def main():
         "ms_by_kind": {kind: {"p50": round(percentile(values, 0.5), 1), "p99": round(percentile(values, 0.99), 1),
                               "queries": len(values)} for kind, values in queries.latencies.items()},
         "ms_all": {"p50": round(percentile(every, 0.5), 1), "p99": round(percentile(every, 0.99), 1)},
+        "reads_started_over": started_over,
         "naive_ms": [round(value) for value in naive_ms],
         "burst": {"messages": args.burst, "alone_per_second": [round(v) for v in alone],
                   "with_dashboard_per_second": [round(v) for v in loaded], "ratios": [round(r, 2) for r in ratios],
@@ -305,6 +318,8 @@ def main():
     for kind, values in result["ms_by_kind"].items():
         print(f"{kind:<24}{values['p50']:>10}{values['p99']:>10}{values['queries']:>10}")
     print(f"{'all':<24}{result['ms_all']['p50']:>10}{result['ms_all']['p99']:>10}")
+    asked = sum(map(len, queries.latencies.values()))
+    print(f"reads begun again because a folding round rewrote what they read: {started_over} in {asked} requests")
     if naive_ms:
         print(f"naive aggregation (last hour, over the raw documents): {statistics.median(naive_ms):,.0f} ms")
     print(f"burst of {args.burst:,}: alone {statistics.median(alone):,.0f} msg/s, with two queries a second "

@@ -247,6 +247,28 @@ def test_readers_racing_writers_and_the_folder_see_every_acknowledged_message(da
     assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end) == acknowledged
 
 
+def test_a_read_that_a_round_overtakes_begins_again_and_is_counted(database, monkeypatch):
+    """A round that writes an aggregate between a reader's log and its aggregates makes the
+    reader begin again (argument 3): the answer stays exact, and the read is counted."""
+    collection = database["status"]
+    writer, folder = counts.BatchWriter(collection), counts.Folder(collection)
+    writer.write([{"_id": "a", "status": 1, "timestamp": BASE + timedelta(seconds=1)}])
+    wait_until(folder.fold_once, what="the first round")
+    writer.write([{"_id": "b", "status": 2, "timestamp": BASE + timedelta(seconds=2)}])
+    fetch, overtaken = counts._Snapshot._fetch, []
+
+    def fetch_after_a_round(snapshot, keys):
+        if not overtaken:
+            overtaken.append(folder.fold_once())  # after the reader's log, before its aggregates
+        fetch(snapshot, keys)
+
+    monkeypatch.setattr(counts._Snapshot, "_fetch", fetch_after_a_round)
+    before = counts.reads_started_over()
+    start, end = BASE, BASE + timedelta(hours=1)
+    assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end) == [0, 1, 1, 0, 0, 0, 0]
+    assert overtaken == [True] and counts.reads_started_over() == before + 1
+
+
 def test_a_write_given_up_on_is_recovered_soon_once_the_retry_names_it(database):
     """A write that times out after its raw insert leaves an open intent whose writer lives on:
     the retry meets those documents and waits for their recovery, which must not wait for

@@ -60,6 +60,7 @@ def test_api_counts_requests_by_endpoint_and_code_and_times_them(pipeline):
     assert samples[(f"{histogram}_bucket", (("endpoint", "/status-count"), ("le", "+Inf")))] == 3
     assert 0 < samples[(f"{histogram}_sum", (("endpoint", "/status-count"),))] < 30
     assert samples[(f"{histogram}_count", (("endpoint", "/health"),))] == 1
+    assert samples[("status_api_count_reads_started_over_total", ())] == 0  # nothing folds here
     assert scrape(port)[("status_api_requests_total", (("code", "200"), ("endpoint", "/metrics")))] == 2
 
 
