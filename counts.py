@@ -402,6 +402,18 @@ def _decode_fragments(text):
     return fragments
 
 
+def _fragment_tags(text, offset):
+    """The tags that _encode_fragments's text names for one second offset: a substring search,
+    as a reader needs one second of an hour that names up to 3,600 (decoding all took 1.5 ms)."""
+    marked, key = ";" + text, f";{offset}:"
+    start = marked.find(key)
+    if start < 0:
+        return []
+    start += len(key)
+    end = marked.find(";", start)
+    return marked[start:end if end >= 0 else len(marked)].split(",")
+
+
 def _add(counts, more):
     for status, number in enumerate(more):
         counts[status] += number
@@ -1138,7 +1150,7 @@ class _Snapshot:
         """(collection, [_id]) of the fragments that hold the millisecond detail of the second of `low_ms`."""
         second = low_ms // 1000
         hour = second // HOUR
-        tags = _decode_fragments(self._documents[(0, hour)].get("fragments", "")).get(second - hour * HOUR, ())
+        tags = _fragment_tags(self._documents[(0, hour)].get("fragments", ""), second - hour * HOUR)
         return _fragments_home(self._raw, hour), [f"f:{hour}:{tag}" for tag in tags]
 
     def _fetch_fragments(self, details):

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import pymongo
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pymongo import monitoring
 
@@ -567,3 +567,13 @@ def test_parts_encode_decode_and_sum_any_run(parts, first, last):
     assert counts._decode_parts(text) == parts
     expected = [sum(parts[offset][status] for offset in parts if first <= offset < last) for status in range(7)]
     assert counts._sum_parts(counts._split_parts(text), first, last) == expected
+
+
+@given(st.dictionaries(st.integers(0, 3599), st.lists(st.from_regex(r"[0-9]{1,6}(c[0-9]{1,3})?", fullmatch=True),
+                                                     min_size=1, max_size=4), max_size=40), st.integers(0, 3599))
+@example({112: ["7"], 12: ["5", "3c0"], 1: ["9"]}, 2)  # a key that ends another, first and last
+def test_one_seconds_fragment_tags_are_found_in_the_text(fragments, offset):
+    text = counts._encode_fragments(fragments)
+    assert counts._decode_fragments(text) == fragments
+    for each in (*fragments, offset):
+        assert counts._fragment_tags(text, each) == fragments.get(each, [])
