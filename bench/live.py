@@ -24,6 +24,7 @@ import argparse
 import bisect
 import itertools
 import json
+import multiprocessing
 import os
 import random
 import statistics
@@ -89,27 +90,38 @@ def publish_backlog(count, days, rng):
     publish(confirmed_publisher(messages, count), count)
 
 
-class Publisher(threading.Thread):
-    """Messages at a steady rate, timestamped now; one in twenty a backfill up to a day old."""
+class Publisher(multiprocessing.get_context("fork").Process):
+    """Messages at a steady rate, timestamped now; one in twenty a backfill up to a day old.
+    A process of its own: in the query loop's, its Python work would hold the interpreter lock
+    that the loop's requests wait for, and a dashboard is not in the publisher's process."""
 
-    def __init__(self, rate, rng):
+    def __init__(self, rate, seed):
         super().__init__(daemon=True)
-        self.rng, self.sent = rng, 0
-        self.publisher = confirmed_publisher(self._messages(), interval=1 / rate)
+        self.rate, self.seed = rate, seed
+        self._stopping = multiprocessing.get_context("fork").Event()
+        self._sent = multiprocessing.get_context("fork").Value("q", -1)  # -1 until it has ended well
 
-    def _messages(self):
+    def _messages(self, rng):
         for index in itertools.count():
             now = datetime.now(timezone.utc)
-            moment = now - timedelta(milliseconds=self.rng.randrange(86_400_000)) if index % 20 == 19 else now
-            yield message(self.rng.randrange(7), moment)
+            moment = now - timedelta(milliseconds=rng.randrange(86_400_000)) if index % 20 == 19 else now
+            yield message(rng.randrange(7), moment)
 
-    def run(self):
-        self.sent = publish(self.publisher)
+    def run(self):  # in the child
+        publisher = confirmed_publisher(self._messages(random.Random(self.seed)), interval=1 / self.rate)
+        threading.Thread(target=lambda: (self._stopping.wait(), publisher.stop()), daemon=True).start()
+        self._sent.value = publish(publisher)
 
     def stop(self):
         """Stops publishing; returns once every message published is confirmed."""
-        self.publisher.stop()
+        self._stopping.set()
         self.join(120)
+        if self._sent.value < 0:
+            raise SystemExit("the live publisher failed; see its output above")
+
+    @property
+    def sent(self):
+        return self._sent.value
 
 
 def ask(port, start, end, step=None):
@@ -244,7 +256,7 @@ def main():
         fold_seconds = time.perf_counter() - server.stored_at[-1][0]
         api, port = start_api("api-live.log")
 
-        publisher, queries = Publisher(args.rate, random.Random(12)), QueryLoop(port, series=True)
+        publisher, queries = Publisher(args.rate, 12), QueryLoop(port, series=True)
         publisher.start()
         started_over = reads_started_over(port)
         queries.start()
