@@ -32,6 +32,7 @@ HEALTH_TIMEOUT_SECONDS = 2
 COUNT_TIMEOUT_SECONDS = 10
 STEPS = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "6h": 21600, "1d": 86400}  # each divides a day
 MAX_BUCKETS = 1500
+SHOWN_STEP_LENGTH = 16  # of a step that is none of STEPS, the error shows this much
 # /health writes one document here, always the same one: a store can answer ping and still hang
 # every write. One document, so that the write stays cheap on FerretDB, where an update reads
 # its whole collection.
@@ -115,7 +116,8 @@ def create_app(test_config=None):
         start, end = _time_range()
         step = request.args.get("step", "")
         if step not in STEPS or len(request.args.getlist("step")) > 1:
-            shown = f"{step[:16]!r}" + (f" (first 16 of {len(step)} characters)" if len(step) > 16 else "")
+            shown = f"{step[:SHOWN_STEP_LENGTH]!r}" + (
+                f" (first {SHOWN_STEP_LENGTH} of {len(step)} characters)" if len(step) > SHOWN_STEP_LENGTH else "")
             raise BadRequest(f"parameter 'step' must be given once, one of {', '.join(STEPS)}: {shown}")
         low, high = counts.epoch_ms(start), counts.epoch_ms(end)
         buckets = -(-high // (STEPS[step] * 1000)) - low // (STEPS[step] * 1000) if low < high else 0
@@ -179,7 +181,8 @@ def create_app(test_config=None):
 
 
 class _CountsCollector:
-    """The counts' own figures, read when /metrics is asked (prometheus_client's custom collector)."""
+    """The counts' own figures, read when /metrics is asked (prometheus_client's custom collector);
+    process-wide, so shared by every app of the process."""
 
     def collect(self):
         yield CounterMetricFamily("status_api_count_reads_started_over",

@@ -1024,7 +1024,8 @@ _reads_started_over_lock = threading.Lock()
 
 def reads_started_over():
     """How many reads of this process began again because a folding round changed what they read
-    (argument 3 above): each costs a second read, so they show in the slowest answers."""
+    (argument 3 above): each costs another read, so they show in the slowest answers.
+    Process-wide: every reader of the process, whatever its collection."""
     return _reads_started_over[0]
 
 
@@ -1033,12 +1034,13 @@ def _read(collection, ranges):
     if now - _LAYOUT_CHECKED.get(collection.full_name, float("-inf")) > LAYOUT_RECHECK_SECONDS:
         # beside the read, not before it: one read in a hundred would otherwise wait for it
         checking = _LOOKUPS.submit(contextvars.copy_context().run, check_layout, collection)
-    for _ in range(READ_ATTEMPTS):
+    for attempt in range(READ_ATTEMPTS):
+        if attempt:
+            with _reads_started_over_lock:
+                _reads_started_over[0] += 1
         answers = _Snapshot(collection).counts(ranges)
         if answers is not None:
             break
-        with _reads_started_over_lock:
-            _reads_started_over[0] += 1
     if checking is not None:
         checking.result()  # OldLayout: whatever was read is not an answer
         _LAYOUT_CHECKED[collection.full_name] = now  # when the check began: a rebuild waits from there

@@ -5,6 +5,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+import counts as counts_module
 from counts import BatchWriter, Folder
 from api import create_app
 from conftest import MONGO_URI
@@ -249,6 +250,11 @@ def test_invalid_series_request_is_400_naming_the_parameter(client, query, param
 def test_an_over_long_step_is_shown_cut_short_saying_so(client):
     error = client.get("/status-series?start=2026-11-27&end=2026-11-28&step=" + "1" * 5000).get_json()["error"]
     assert "'1111111111111111' (first 16 of 5000 characters)" in error
+
+
+def test_metrics_export_the_reads_of_the_counts_begun_again(client, monkeypatch):
+    monkeypatch.setattr(counts_module, "_reads_started_over", [3])
+    assert "\nstatus_api_count_reads_started_over_total 3.0\n" in client.get("/metrics").get_data(as_text=True)
 
 
 def test_health_answers_200_when_mongodb_answers(client):
