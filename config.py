@@ -49,10 +49,9 @@ def _seconds(name, default, most, least=None):
         seconds = float(value) if value.isascii() else math.nan
     except ValueError:
         seconds = math.nan
-    if least is None and not 0 < seconds <= most:  # also refuses nan and inf
-        _fail(name, value, f"a number of seconds above 0 and at most {most}")
-    if least is not None and not least <= seconds <= most:
-        _fail(name, value, f"a number of seconds between {least:g} and {most}")
+    above_least = seconds >= least if least is not None else seconds > 0  # both refuse nan
+    if not (above_least and seconds <= most):  # and inf
+        _fail(name, value, f"a number of seconds {f'from {least:g}' if least is not None else 'above 0'} and at most {most}")
     return seconds
 
 
