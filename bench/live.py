@@ -90,16 +90,19 @@ def publish_backlog(count, days, rng):
     publish(confirmed_publisher(messages, count), count)
 
 
-class Publisher(multiprocessing.get_context("fork").Process):
+FORK = multiprocessing.get_context("fork")  # the child inherits this run's names, set by ingest at import
+
+
+class Publisher(FORK.Process):
     """Messages at a steady rate, timestamped now; one in twenty a backfill up to a day old.
     A process of its own: in the query loop's, its Python work would hold the interpreter lock
     that the loop's requests wait for, and a dashboard is not in the publisher's process."""
 
     def __init__(self, rate, seed):
         super().__init__(daemon=True)
-        self.rate, self.seed = rate, seed
-        self._stopping = multiprocessing.get_context("fork").Event()
-        self._sent = multiprocessing.get_context("fork").Value("q", -1)  # -1 until it has ended well
+        self.rate, self.seed, self._parent = rate, seed, os.getpid()
+        self._stopping = FORK.Event()
+        self._sent = FORK.Value("q", -1)  # -1 until it has ended well
 
     def _messages(self, rng):
         for index in itertools.count():
@@ -107,17 +110,31 @@ class Publisher(multiprocessing.get_context("fork").Process):
             moment = now - timedelta(milliseconds=rng.randrange(86_400_000)) if index % 20 == 19 else now
             yield message(rng.randrange(7), moment)
 
+    def _stop_when_asked_or_orphaned(self, publisher):
+        while not self._stopping.wait(1) and os.getppid() == self._parent:  # a killed bench leaves no publisher
+            pass
+        publisher.stop()
+
     def run(self):  # in the child
         publisher = confirmed_publisher(self._messages(random.Random(self.seed)), interval=1 / self.rate)
-        threading.Thread(target=lambda: (self._stopping.wait(), publisher.stop()), daemon=True).start()
+        threading.Thread(target=self._stop_when_asked_or_orphaned, args=(publisher,), daemon=True).start()
         self._sent.value = publish(publisher)
 
+    def check(self):
+        """Raises SystemExit if the publisher has ended before it was asked to."""
+        if not self.is_alive():
+            raise SystemExit(f"the live publisher ended early (exit {self.exitcode}); see its output above")
+
     def stop(self):
-        """Stops publishing; returns once every message published is confirmed."""
+        """Stops publishing; returns once every message published is confirmed. Raises SystemExit
+        if it failed or did not stop within 120 s."""
         self._stopping.set()
         self.join(120)
+        if self.is_alive():
+            self.terminate()
+            raise SystemExit("the live publisher did not stop within 120 s")
         if self._sent.value < 0:
-            raise SystemExit("the live publisher failed; see its output above")
+            raise SystemExit(f"the live publisher failed (exit {self.exitcode}); see its output above")
 
     @property
     def sent(self):
@@ -261,6 +278,7 @@ def main():
         started_over = reads_started_over(port)
         queries.start()
         time.sleep(args.seconds)
+        publisher.check()
         queries.stopping.set()
         queries.join(120)
         started_over = reads_started_over(port) - started_over
@@ -315,7 +333,7 @@ def main():
         "ms_by_kind": {kind: {"p50": round(percentile(values, 0.5), 1), "p99": round(percentile(values, 0.99), 1),
                               "queries": len(values)} for kind, values in queries.latencies.items()},
         "ms_all": {"p50": round(percentile(every, 0.5), 1), "p99": round(percentile(every, 0.99), 1)},
-        "reads_started_over": started_over,
+        "reads_started_over": started_over, "requests": sum(map(len, queries.latencies.values())),
         "naive_ms": [round(value) for value in naive_ms],
         "burst": {"messages": args.burst, "alone_per_second": [round(v) for v in alone],
                   "with_dashboard_per_second": [round(v) for v in loaded], "ratios": [round(r, 2) for r in ratios],
@@ -330,8 +348,8 @@ def main():
     for kind, values in result["ms_by_kind"].items():
         print(f"{kind:<24}{values['p50']:>10}{values['p99']:>10}{values['queries']:>10}")
     print(f"{'all':<24}{result['ms_all']['p50']:>10}{result['ms_all']['p99']:>10}")
-    asked = sum(map(len, queries.latencies.values()))
-    print(f"reads begun again because a folding round rewrote what they read: {started_over} in {asked} requests")
+    print(f"reads begun again because a folding round rewrote what they read: {started_over} in "
+          f"{result['requests']} requests")
     if naive_ms:
         print(f"naive aggregation (last hour, over the raw documents): {statistics.median(naive_ms):,.0f} ms")
     print(f"burst of {args.burst:,}: alone {statistics.median(alone):,.0f} msg/s, with two queries a second "
