@@ -42,16 +42,15 @@ def _port_or_zero(name, default):
     return int(value)
 
 
-def _seconds(name, default, most, least=None):
-    """A number of seconds above 0 (or at least `least`) and at most `most`."""
+def _seconds(name, default, most, least=0):
+    """A number of seconds above 0, at least `least` and at most `most`."""
     value = os.environ.get(name, str(default))
     try:
         seconds = float(value) if value.isascii() else math.nan
     except ValueError:
         seconds = math.nan
-    above_least = seconds >= least if least is not None else seconds > 0  # both refuse nan
-    if not (above_least and seconds <= most):  # and inf
-        _fail(name, value, f"a number of seconds {f'from {least:g}' if least is not None else 'above 0'} and at most {most}")
+    if not (0 < seconds and least <= seconds <= most):  # also refuses nan and inf
+        _fail(name, value, f"a number of seconds {f'from {least:g}' if least else 'above 0'} and at most {most}")
     return seconds
 
 
