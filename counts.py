@@ -18,8 +18,10 @@ but for two per day of data:
 - `<c>_counts`: `{_id: "layout", version}` (LAYOUT, written by server.py before it stores
   anything), and a document per day (counts per hour), per 32-day span (counts per day) and
   `all` (counts per span), each `{_id, round, parts}`.
-- `<c>_counts_<YYYYMMDD>`: a document per hour of that day, with counts per second and,
-  per second, the tags of the fragments that hold that second's millisecond detail.
+- `<c>_counts_<YYYYMMDD>`: a document per hour of that day, `{_id, round, parts, seconds}`:
+  counts per minute, and per minute a block of counts per second with, per second, the tags
+  of the fragments that hold its millisecond detail (a round rewrites only the blocks of the
+  minutes it touches; a reader decodes those of its bounds).
 - `<c>_counts_<YYYYMMDD>_ms`: the fragments `{_id: "f:<hour>:<tag>", entries}`: each
   round's millisecond times and statuses within one hour, grouped by second (tag: the
   round). Once a second is spread over more than MAX_FRAGMENTS_PER_SECOND, all of its hour's
@@ -107,7 +109,7 @@ STATUSES = len(messages.STATUSES)  # counts are lists indexed by status
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 HOUR, DAY, SPAN = 3600, 86400, 32 * 86400  # seconds; each divides the next
 LEVELS = (HOUR, DAY, SPAN)  # aggregate levels below `all`; a level's parts are buckets of the level below
-LAYOUT = 1  # the layout below, marked in `<c>_counts` (a store without the marker but with a state has it too)
+LAYOUT = 2  # the layout below, marked in `<c>_counts` (1: hour documents whole; a store with a state but no marker)
 LAYOUT_RECHECK_SECONDS = 5  # a reader checks the layout again after this; a rebuild waits it out
 TOP = len(LEVELS)
 # timestamp() is the exact count of microseconds divided by 10**6, correctly rounded. While
@@ -226,11 +228,13 @@ def check_layout(collection):
     layout = aggregates.find_one({"_id": "layout"})
     if layout is None:
         if log.find_one({"_id": "state"}, {"_id": 1}) is not None:
-            return  # kept by the version before the marker, in this layout: the next server.py marks it
-        if collection.find_one({}, {"_id": 1}) is None:
+            layout = {"version": 1}  # kept by the version before the marker, in layout 1
+        elif collection.find_one({}, {"_id": 1}) is None:
             return  # nothing stored yet
-        raise OldLayout(f"{collection.full_name} holds messages whose counts were never kept (an earlier version "
-                        f"stored them): stop server.py and run `python server.py --rebuild-counts` to count them")
+        else:
+            raise OldLayout(f"{collection.full_name} holds messages whose counts were never kept (an earlier "
+                            f"version stored them): stop server.py and run `python server.py --rebuild-counts` to "
+                            f"count them")
     if layout.get("version") != LAYOUT:
         raise OldLayout(f"the counts of {collection.full_name} were kept in layout {layout.get('version')}, not "
                         f"{LAYOUT}: stop server.py and run `python server.py --rebuild-counts` to keep them again")
@@ -396,24 +400,69 @@ def _sum_parts(split, first, last):
     return [a - b for a, b in zip(top, (int(count) for count in cumulative[low - 1].split(",")))]
 
 
-def _encode_fragments(fragments):
-    """{second offset: [fragment tags]} -> "offset:tag,tag;..." """
-    return ";".join(f"{offset}:{','.join(tags)}" for offset, tags in sorted(fragments.items()))
+def _encode_minute(seconds):
+    """{second offset in the hour: [[7 counts], [fragment tags]]} of one minute ->
+    "offset=count,...=tag.tag/offset=...", ascending: one minute's block of an hour document."""
+    return "/".join(f"{offset}={','.join(map(str, counts))}={'.'.join(tags)}"
+                    for offset, (counts, tags) in sorted(seconds.items()))
 
 
-def _decode_fragments(text):
-    fragments = {}
-    for part in text.split(";") if text else ():
-        offset, tags = part.split(":")
-        fragments[int(offset)] = tags.split(",")
-    return fragments
+def _decode_minute(text):
+    """The inverse of _encode_minute."""
+    seconds = {}
+    for entry in text.split("/") if text else ():
+        offset, counts, tags = entry.split("=")
+        seconds[int(offset)] = [[int(count) for count in counts.split(",")], tags.split(".")]
+    return seconds
 
 
-def _fragment_tags(text, offset):
-    """The tags that _encode_fragments's text names for one second offset: a substring search,
-    as a reader needs one second of an hour that names up to 3,600 (decoding all took 1.5 ms)."""
-    tags = _section(";" + text, offset)
-    return [] if tags is None else tags.split(",")
+def _split_minutes(text):
+    """An hour document's `seconds` (";minute:block;minute:block...") -> {minute: block}."""
+    minutes = {}
+    for section in text.split(";")[1:]:
+        minute, _, block = section.partition(":")
+        minutes[int(minute)] = block
+    return minutes
+
+
+def _join_minutes(minutes):
+    """The inverse of _split_minutes; a reader finds one minute's block by _section()."""
+    return "".join(f";{minute}:{block}" for minute, block in sorted(minutes.items()))
+
+
+def _hour_seconds(document):
+    """{second offset: [[7 counts], [fragment tags]]} of every second an hour document holds."""
+    return {offset: entry for block in _split_minutes(document.get("seconds", "")).values()
+            for offset, entry in _decode_minute(block).items()}
+
+
+def _minute_of(document, offset):
+    """{second offset: [[7 counts], [fragment tags]]} of the minute of `offset` in an hour document
+    that a reader read (decoded once per read)."""
+    decoded = document.setdefault("decoded", {})
+    if offset // 60 not in decoded:
+        decoded[offset // 60] = _decode_minute(_section(document.get("seconds", ""), offset // 60) or "")
+    return decoded[offset // 60]
+
+
+def _sum_seconds(document, first, last):
+    """[7 counts] of the seconds first <= offset < last of an hour document: the whole minutes
+    from its per-minute totals (`parts`), the rest from the blocks of at most two minutes."""
+    counts = [0] * STATUSES
+    first_whole, last_whole = -(-first // 60), last // 60
+    if first_whole <= last_whole:
+        if "split" not in document:
+            document["split"] = _split_parts(document["parts"])
+        _add(counts, _sum_parts(document["split"], first_whole, last_whole))
+        edges = [(first, first_whole * 60), (last_whole * 60, last)]
+    else:  # inside one minute
+        edges = [(first, last)]
+    for low, high in edges:
+        if low < high:
+            for offset, (more, _) in _minute_of(document, low).items():
+                if low <= offset < high:
+                    _add(counts, more)
+    return counts
 
 
 def _add(counts, more):
@@ -850,20 +899,45 @@ class Folder:
         if current["round"] >= number:
             self._remember(level, bucket, current)
             return  # done by this round's first attempt
-        merged = _decode_parts(current["parts"])
-        for offset, counts in parts.items():
-            _add(merged.setdefault(offset, [0] * STATUSES), counts)
-        document = {"round": number, "parts": _encode_parts(merged)}
         if level == 0:
-            fragments = _decode_fragments(current.get("fragments", ""))
-            for offset in parts:
-                fragments.setdefault(offset, []).append(str(number))
-            crowded = [offset for offset, tags in fragments.items() if len(tags) > MAX_FRAGMENTS_PER_SECOND]
-            if crowded:
-                fragments = self._compact(number, bucket, fragments, crowded, merged)
-            document["fragments"] = _encode_fragments(fragments)
+            document = self._merge_hour(number, bucket, parts, current)
+        else:
+            merged = _decode_parts(current["parts"])
+            for offset, counts in parts.items():
+                _add(merged.setdefault(offset, [0] * STATUSES), counts)
+            document = {"round": number, "parts": _encode_parts(merged)}
         home.replace_one({"_id": _id}, document, upsert=True)
         self._remember(level, bucket, document)
+
+    def _merge_hour(self, number, hour, seconds, current):
+        """The hour document with `seconds` ({second offset: [7 counts]}) of round `number` added.
+        Only the blocks of the minutes the round touches are decoded and written again: a backfill
+        touches a second or two of an hour that may hold all 3,600 (re-encoding a whole busy hour
+        took 23 ms a round)."""
+        minutes = _split_minutes(current.get("seconds", ""))
+        touched = {}  # minute -> its seconds, decoded
+        for offset, counts in seconds.items():
+            minute = touched.get(offset // 60)
+            if minute is None:
+                minute = touched[offset // 60] = _decode_minute(minutes.get(offset // 60, ""))
+            entry = minute.setdefault(offset, [[0] * STATUSES, []])
+            _add(entry[0], counts)
+            entry[1].append(str(number))
+        crowded = [offset for offset in seconds if len(touched[offset // 60][offset][1]) > MAX_FRAGMENTS_PER_SECOND]
+        if crowded:
+            every = {**{minute: _decode_minute(block) for minute, block in minutes.items()}, **touched}
+            every_second = {offset: entry for minute in every.values() for offset, entry in minute.items()}
+            compacted = self._compact(number, hour, {offset: tags for offset, (_, tags) in every_second.items()},
+                                      crowded, {offset: counts for offset, (counts, _) in every_second.items()})
+            for offset, entry in every_second.items():
+                entry[1] = compacted[offset]
+            touched = every
+        for minute, decoded in touched.items():
+            minutes[minute] = _encode_minute(decoded)
+        totals = _decode_parts(current["parts"])  # per minute
+        for offset, counts in seconds.items():
+            _add(totals.setdefault(offset // 60, [0] * STATUSES), counts)
+        return {"round": number, "parts": _encode_parts(totals), "seconds": _join_minutes(minutes)}
 
     def _remember(self, level, bucket, document):
         self._cache[(level, bucket)] = document
@@ -1150,19 +1224,17 @@ class _Snapshot:
         for key, (home, _id) in where.items():
             self._documents[key] = found.get((home.name, _id), {"round": 0, "parts": ""})
 
-    def _fragment_ids(self, low_ms):
-        """(collection, [_id]) of the fragments that hold the millisecond detail of the second of `low_ms`."""
-        second = low_ms // 1000
-        hour = second // HOUR
-        tags = _fragment_tags(self._documents[(0, hour)].get("fragments", ""), second - hour * HOUR)
-        return _fragments_home(self._raw, hour), [f"f:{hour}:{tag}" for tag in tags]
-
     def _fetch_fragments(self, details):
         """The fragments the hour documents name for the seconds of `details`, looked up at once."""
-        wanted = []
+        self._fragment_ids, wanted = {}, []  # second -> (collection, [fragment _id])
         for _, low_ms, _ in details:
-            home, ids = self._fragment_ids(low_ms)
-            wanted += [(home, _id) for _id in ids]
+            second = low_ms // 1000
+            hour = second // HOUR
+            offset = second - hour * HOUR
+            _, tags = _minute_of(self._documents[(0, hour)], offset).get(offset, (None, []))
+            home = _fragments_home(self._raw, hour)
+            self._fragment_ids[second] = home, [f"f:{hour}:{tag}" for tag in tags]
+            wanted += [(home, f"f:{hour}:{tag}") for tag in tags]
         # never together: a day's detail at 1,000 msg/s is hundreds of MB, which $in would decode whole
         self._fragments = _look_up(wanted, separate=len(wanted))
 
@@ -1177,16 +1249,19 @@ class _Snapshot:
         child_size = LEVELS[level - 1] if level > 0 else 1
         base = bucket * LEVELS[level] if level < TOP else 0
         first, last = (low - base) // child_size, (high - base) // child_size
-        if "split" not in document:
-            document["split"] = _split_parts(document["parts"])
-        _add(counts, _sum_parts(document["split"], first, last))
+        if level == 0:
+            _add(counts, _sum_seconds(document, first, last))
+        else:
+            if "split" not in document:
+                document["split"] = _split_parts(document["parts"])
+            _add(counts, _sum_parts(document["split"], first, last))
         self._add_pending(counts, document["round"], low * 1000, high * 1000)
 
     def _add_detail(self, counts, low_ms, high_ms):
         """Milliseconds [low_ms, high_ms) inside one second, from its hour's fragments."""
         second = low_ms // 1000
         hour = second // HOUR
-        home, ids = self._fragment_ids(low_ms)
+        home, ids = self._fragment_ids[second]
         low, high = low_ms - second * 1000, high_ms - second * 1000
         for _id in ids:
             fragment = self._fragments.get((home.name, _id))

@@ -460,7 +460,8 @@ def test_seconds_spread_over_many_rounds_are_merged_into_a_few_pieces_and_stay_e
         for low_ms in range(0, 10_500, 97):
             start, end = BASE + timedelta(milliseconds=low_ms), BASE + timedelta(milliseconds=low_ms + 333)
             assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end), (number, low_ms)
-        named = counts._decode_fragments(counts._hours_home(collection, hour).find_one({"_id": f"hour:{hour}"})["fragments"])
+        document = counts._hours_home(collection, hour).find_one({"_id": f"hour:{hour}"})
+        named = {offset: tags for offset, (_, tags) in counts._hour_seconds(document).items()}
         assert max(map(len, named.values())) <= counts.MAX_FRAGMENTS_PER_SECOND
         pieces = {tag for offset in range(10) for tag in named[offset]}  # the ten seconds every round touches
         assert len(pieces) <= 40 * (number + 1) // piece_entries + 1 + counts.MAX_FRAGMENTS_PER_SECOND
@@ -497,20 +498,25 @@ def test_messages_stored_without_counts_are_refused_until_rebuilt(database, capl
         assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end)
 
 
-def test_counts_of_the_version_before_the_marker_are_taken_and_another_layout_is_refused(database):
+@pytest.mark.parametrize("earlier", ["layout 1, before the marker", "another layout"])
+def test_counts_of_an_earlier_layout_are_refused_until_rebuilt(database, earlier):
     collection = database["status"]
     rng = random.Random(6)
     counts.BatchWriter(collection).write(messages(rng, "a", 100))
     wait_until(counts.Folder(collection).fold_once, what="a round")
-    database["status_counts"].delete_one({"_id": "layout"})  # as the version before the marker left them
-    counts.check_layout(collection)
-    counts.mark_layout(collection)
     assert database["status_counts"].find_one({"_id": "layout"})["version"] == counts.LAYOUT
-    database["status_counts"].replace_one({"_id": "layout"}, {"version": counts.LAYOUT + 1})
-    with pytest.raises(counts.OldLayout, match=f"layout {counts.LAYOUT + 1}.*--rebuild-counts"):
-        counts.check_layout(collection)
+    if earlier == "another layout":
+        database["status_counts"].replace_one({"_id": "layout"}, {"version": counts.LAYOUT + 1})
+        version = counts.LAYOUT + 1
+    else:
+        database["status_counts"].delete_one({"_id": "layout"})  # as the version before the marker left them
+        version = 1
+    for check in (counts.check_layout, counts.mark_layout, lambda c: counts.count(c, BASE, BASE + timedelta(days=1))):
+        with pytest.raises(counts.OldLayout, match=f"layout {version}, not {counts.LAYOUT}.*--rebuild-counts"):
+            check(collection)
     database["status_counts_log"].delete_many({"_id": {"$regex": "^lease:"}})
     assert counts.rebuild(collection) == 100
+    assert database["status_counts"].find_one({"_id": "layout"}) == {"_id": "layout", "version": counts.LAYOUT}
     assert counts.count(collection, BASE - timedelta(days=3), BASE + timedelta(days=3)) == \
         counts.raw_counts(collection, BASE - timedelta(days=3), BASE + timedelta(days=3))
 
@@ -569,11 +575,26 @@ def test_parts_encode_decode_and_sum_any_run(parts, first, last):
     assert counts._sum_parts(counts._split_parts(text), first, last) == expected
 
 
-@given(st.dictionaries(st.integers(0, 3599), st.lists(st.from_regex(r"[0-9]{1,6}(c[0-9]{1,3})?", fullmatch=True),
-                                                     min_size=1, max_size=4), max_size=40), st.integers(0, 3599))
-@example({112: ["7"], 12: ["5", "3c0"], 1: ["9"]}, 2)  # a key that ends another, first and last
-def test_one_seconds_fragment_tags_are_found_in_the_text(fragments, offset):
-    text = counts._encode_fragments(fragments)
-    assert counts._decode_fragments(text) == fragments
-    for each in (*fragments, offset):
-        assert counts._fragment_tags(text, each) == fragments.get(each, [])
+TAGS = st.lists(st.from_regex(r"[0-9]{1,6}(c[0-9]{1,3})?", fullmatch=True), min_size=1, max_size=4)
+COUNTS = st.lists(st.integers(0, 10**6), min_size=7, max_size=7)
+
+
+@given(st.dictionaries(st.integers(0, 3599), st.tuples(COUNTS, TAGS), max_size=60), st.integers(0, 3600),
+       st.integers(0, 3600))
+@example({112: ([0, 1, 0, 0, 0, 0, 0], ["7"]), 12: ([2, 0, 0, 0, 0, 0, 1], ["5", "3c0"]),
+          1: ([0, 0, 0, 0, 0, 0, 9], ["9"])}, 1, 113)  # a minute that ends another (1 in 11), first and last
+def test_an_hours_seconds_encode_decode_and_sum_any_run(seconds, first, last):
+    """An hour document as _merge_hour writes it: every second's counts and tags come back, the
+    blocks of one minute are found alone, and any run of seconds sums from minutes and blocks."""
+    by_minute = {}
+    for offset, (counts_, tags) in seconds.items():
+        by_minute.setdefault(offset // 60, {})[offset] = [counts_, tags]
+    totals = {minute: [sum(entry[0][status] for entry in block.values()) for status in range(7)]
+              for minute, block in by_minute.items()}
+    document = {"parts": counts._encode_parts(totals),
+                "seconds": counts._join_minutes({minute: counts._encode_minute(block) for minute, block in by_minute.items()})}
+    assert counts._hour_seconds(document) == {offset: [c, t] for offset, (c, t) in seconds.items()}
+    for offset in (*seconds, first % 3600):
+        assert counts._minute_of(dict(document), offset) == by_minute.get(offset // 60, {})
+    expected = [sum(seconds[offset][0][status] for offset in seconds if first <= offset < last) for status in range(7)]
+    assert counts._sum_seconds(dict(document), first, last) == expected
