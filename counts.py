@@ -4,12 +4,12 @@ Three roles, one per class:
 - `BatchWriter` (server.py's writer threads) stores a batch of messages and records the
   counts of the documents that batch created, using inserts only;
 - `Folder` (one per database at a time, in server.py) folds those records into small
-  per-hour, per-day, per-32-day and overall documents;
+  per-hour (counts per second, and per minute), per-day, per-32-day and overall documents;
 - `count` (api.py) answers [start, end) from those documents plus the records not yet
   folded, reading a dozen small documents by _id and never the raw collection.
 
 Layout, for raw collection `status` (`<c>` below); the number of collections is fixed
-but for two per day of data:
+but for three per day of data:
 - `<c>_counts_log`: per batch an intent `{_id: "i:<batch>", owner[, abandoned]}`, inserted before
   the raw insert, and a record `{_id: "c:<batch>", entries}` of the documents the batch
   created (their millisecond times and statuses), inserted after it; `{_id: "state",
@@ -18,10 +18,13 @@ but for two per day of data:
 - `<c>_counts`: `{_id: "layout", version}` (LAYOUT, written by server.py before it stores
   anything), and a document per day (counts per hour), per 32-day span (counts per day) and
   `all` (counts per span), each `{_id, round, parts}`.
-- `<c>_counts_<YYYYMMDD>`: a document per hour of that day, `{_id, round, parts, seconds}`:
-  counts per minute, and per minute a block of counts per second with, per second, the tags
-  of the fragments that hold its millisecond detail (a round rewrites only the blocks of the
-  minutes it touches; a reader decodes those of its bounds).
+- `<c>_counts_<YYYYMMDD>`: a document per hour of that day, `{_id: "hour:<hour>", round,
+  parts}`, counts per minute: small, so that a series by minute, which reads every hour of a
+  day in one query (one decoding pass of the collection on FerretDB), reads little.
+- `<c>_counts_<YYYYMMDD>_s`: a document per hour of that day, `{_id: "seconds:<hour>", round,
+  seconds}`: per minute a block of counts per second with, per second, the tags of the
+  fragments that hold its millisecond detail. A minute is the level-0 bucket; a round rewrites
+  only the blocks of the minutes it touches, and a reader decodes only those of its bounds.
 - `<c>_counts_<YYYYMMDD>_ms`: the fragments `{_id: "f:<hour>:<tag>", entries}`: each
   round's millisecond times and statuses within one hour, grouped by second (tag: the
   round). Once a second is spread over more than MAX_FRAGMENTS_PER_SECOND, all of its hour's
@@ -107,9 +110,11 @@ LOG = logging.getLogger("counts")
 
 STATUSES = len(messages.STATUSES)  # counts are lists indexed by status
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-HOUR, DAY, SPAN = 3600, 86400, 32 * 86400  # seconds; each divides the next
-LEVELS = (HOUR, DAY, SPAN)  # aggregate levels below `all`; a level's parts are buckets of the level below
-LAYOUT = 2  # the layout below, marked in `<c>_counts` (1: hour documents whole; a store with a state but no marker)
+MINUTE, HOUR, DAY, SPAN = 60, 3600, 86400, 32 * 86400  # seconds; each divides the next
+LEVELS = (MINUTE, HOUR, DAY, SPAN)  # aggregate levels below `all`; a level's parts are buckets of the level below
+# The layout below, marked in `<c>_counts`. Layout 1 (also a store with a state but no marker)
+# kept an hour's counts per second, fragment tags and all, in one document, rewritten whole.
+LAYOUT = 2
 LAYOUT_RECHECK_SECONDS = 5  # a reader checks the layout again after this; a rebuild waits it out
 TOP = len(LEVELS)
 # timestamp() is the exact count of microseconds divided by 10**6, correctly rounded. While
@@ -133,7 +138,9 @@ RECOVERY_SECONDS = 3600  # minutes for tens of millions of documents on FerretDB
 # and so does a folder after a failed write: a write a client gave up on may still land.
 QUIET_SECONDS = STEP_SECONDS + 2
 LEASE_WINDOW = QUIET_SECONDS // LEASE_SECONDS + 2  # slots back in which a folder before may still write
-CACHED = 64
+# The aggregates a folder keeps after writing them: a day of backfill touches about 50 (the
+# seconds and the counts of each hour), which must not be read again each round.
+CACHED = 128
 # A round rewrites every hour it touches whole, so a backlog spread over days folds in as few
 # rounds as memory allows (8 bytes a message while folding); the fragment of one hour written by
 # one round then holds 2,000,000 entries at most, about 12 MB, below MongoDB's 16 MiB.
@@ -170,16 +177,25 @@ def _hours_home(collection, hour):
     return collection.database[f"{collection.name}_counts_{day.year:04d}{day.month:02d}{day.day:02d}"]
 
 
+def _seconds_home(collection, hour):
+    return collection.database[f"{_hours_home(collection, hour).name}_s"]
+
+
 def _fragments_home(collection, hour):
     return collection.database[f"{_hours_home(collection, hour).name}_ms"]
 
 
 def _aggregate_id(level, bucket):
-    return f"{('hour', 'day', 'span')[level]}:{bucket}" if level < TOP else "all"
+    """A level-0 bucket is a minute, kept in the seconds document of its hour with the others."""
+    if level == 0:
+        return f"seconds:{bucket // 60}"
+    return f"{('hour', 'day', 'span')[level - 1]}:{bucket}" if level < TOP else "all"
 
 
 def _home(collection, level, bucket):
-    return _hours_home(collection, bucket) if level == 0 else _collections(collection)[1]
+    if level == 0:
+        return _seconds_home(collection, bucket // 60)
+    return _hours_home(collection, bucket) if level == 1 else _collections(collection)[1]
 
 
 # Lookups run side by side: each waits on the store, and FerretDB answers them on several connections.
@@ -402,7 +418,7 @@ def _sum_parts(split, first, last):
 
 def _encode_minute(seconds):
     """{second offset in the hour: [[7 counts], [fragment tags]]} of one minute ->
-    "offset=count,...=tag.tag/offset=...", ascending: one minute's block of an hour document."""
+    "offset=count,...=tag.tag/offset=...", ascending: one minute's block of a seconds document."""
     return "/".join(f"{offset}={','.join(map(str, counts))}={'.'.join(tags)}"
                     for offset, (counts, tags) in sorted(seconds.items()))
 
@@ -417,7 +433,7 @@ def _decode_minute(text):
 
 
 def _split_minutes(text):
-    """An hour document's `seconds` (";minute:block;minute:block...") -> {minute: block}."""
+    """A seconds document's `seconds` (";minute:block;minute:block...") -> {minute: block}."""
     minutes = {}
     for section in text.split(";")[1:]:
         minute, _, block = section.partition(":")
@@ -431,38 +447,18 @@ def _join_minutes(minutes):
 
 
 def _hour_seconds(document):
-    """{second offset: [[7 counts], [fragment tags]]} of every second an hour document holds."""
+    """{second offset: [[7 counts], [fragment tags]]} of every second a seconds document holds."""
     return {offset: entry for block in _split_minutes(document.get("seconds", "")).values()
             for offset, entry in _decode_minute(block).items()}
 
 
 def _minute_of(document, offset):
-    """{second offset: [[7 counts], [fragment tags]]} of the minute of `offset` in an hour document
-    that a reader read (decoded once per read)."""
+    """{second offset: [[7 counts], [fragment tags]]} of the minute of `offset` (in the hour) in a
+    seconds document that a reader read (each minute decoded once per read)."""
     decoded = document.setdefault("decoded", {})
     if offset // 60 not in decoded:
         decoded[offset // 60] = _decode_minute(_section(document.get("seconds", ""), offset // 60) or "")
     return decoded[offset // 60]
-
-
-def _sum_seconds(document, first, last):
-    """[7 counts] of the seconds first <= offset < last of an hour document: the whole minutes
-    from its per-minute totals (`parts`), the rest from the blocks of at most two minutes."""
-    counts = [0] * STATUSES
-    first_whole, last_whole = -(-first // 60), last // 60
-    if first_whole <= last_whole:
-        if "split" not in document:
-            document["split"] = _split_parts(document["parts"])
-        _add(counts, _sum_parts(document["split"], first_whole, last_whole))
-        edges = [(first, first_whole * 60), (last_whole * 60, last)]
-    else:  # inside one minute
-        edges = [(first, last)]
-    for low, high in edges:
-        if low < high:
-            for offset, (more, _) in _minute_of(document, low).items():
-                if low <= offset < high:
-                    _add(counts, more)
-    return counts
 
 
 def _add(counts, more):
@@ -664,7 +660,7 @@ class Folder:
         self._layout_ok, self._layout_error = rebuilding, None
         self._renewed_at = float("-inf")  # on self._clock: when a round last claimed the lease's next slot
         # The aggregates this folder wrote while it held the lease without a break: only it writes
-        # them then, so a round need not read them again (the newest CACHED, as hours are big).
+        # them then, so a round need not read them again (the newest CACHED, as seconds documents are big).
         self._cache = collections.OrderedDict()
 
     # lease ------------------------------------------------------------------
@@ -823,8 +819,9 @@ class Folder:
         return True
 
     def _apply(self, number, records):
-        """Add the records into every aggregate they touch: the hours day by day (each day's
-        fragments first, then its hours), then the days, spans and `all` from the hours' totals."""
+        """Add the records into every aggregate they touch: the seconds day by day (each day's
+        fragments first, then the seconds documents of its hours), then the hours, days, spans
+        and `all` from the minutes' totals."""
         by_hour = collections.defaultdict(lambda: array.array("q"))  # hour -> ms in hour·8 + status: compact
         for record in records:
             for ms, status in zip(*_decode_entries(record["entries"])):
@@ -833,21 +830,22 @@ class Folder:
         days = collections.defaultdict(list)
         for hour in by_hour:
             days[hour * HOUR // DAY].append(hour)
-        totals = {}  # hour -> [7 counts] this round adds
+        totals = {}  # minute -> [7 counts] this round adds
         for day in sorted(days):
             seconds, fragments = {}, []  # hour -> {second offset: counts}; the day's fragment documents
             for hour in sorted(days[day]):
                 text, seconds[hour] = _encode_hour(sorted(by_hour.pop(hour)))
                 fragments.append({"_id": f"f:{hour}:{number}", "entries": text})
             self._insert_once(_fragments_home(self._raw, days[day][0]).name, fragments)
-            current = self._current(0, seconds)
+            current = self._current(0, [hour * 60 for hour in seconds])  # an hour's minutes share a document
             for hour, parts in seconds.items():
                 if not self._renewing():
                     raise _LeaseLost()
                 with pymongo.timeout(STEP_SECONDS):
-                    self._merge(number, 0, hour, parts, current[hour])
-                totals[hour] = [sum(counts[status] for counts in parts.values()) for status in range(STATUSES)]
-        level_parts = [{hour: {0: total} for hour, total in totals.items()}]  # each hour as one part: its total
+                    self._merge(number, 0, hour * 60, parts, current[hour * 60])
+                for offset, counts in parts.items():
+                    _add(totals.setdefault(hour * 60 + offset // 60, [0] * STATUSES), counts)
+        level_parts = [{minute: {0: total} for minute, total in totals.items()}]  # each minute as one part: its total
         for level in range(1, TOP + 1):  # each level's parts are the totals of the level below
             child_size = LEVELS[level - 1]
             size = LEVELS[level] if level < TOP else None
@@ -900,7 +898,7 @@ class Folder:
             self._remember(level, bucket, current)
             return  # done by this round's first attempt
         if level == 0:
-            document = self._merge_hour(number, bucket, parts, current)
+            document = self._merge_seconds(number, bucket // 60, parts, current)
         else:
             merged = _decode_parts(current["parts"])
             for offset, counts in parts.items():
@@ -909,8 +907,8 @@ class Folder:
         home.replace_one({"_id": _id}, document, upsert=True)
         self._remember(level, bucket, document)
 
-    def _merge_hour(self, number, hour, seconds, current):
-        """The hour document with `seconds` ({second offset: [7 counts]}) of round `number` added.
+    def _merge_seconds(self, number, hour, seconds, current):
+        """The seconds document of `hour` with `seconds` ({second offset: [7 counts]}) of round `number` added.
         Only the blocks of the minutes the round touches are decoded and written again: a backfill
         touches a second or two of an hour that may hold all 3,600 (re-encoding a whole busy hour
         took 23 ms a round)."""
@@ -934,10 +932,7 @@ class Folder:
             touched = every
         for minute, decoded in touched.items():
             minutes[minute] = _encode_minute(decoded)
-        totals = _decode_parts(current["parts"])  # per minute
-        for offset, counts in seconds.items():
-            _add(totals.setdefault(offset // 60, [0] * STATUSES), counts)
-        return {"round": number, "parts": _encode_parts(totals), "seconds": _join_minutes(minutes)}
+        return {"round": number, "seconds": _join_minutes(minutes)}
 
     def _remember(self, level, bucket, document):
         self._cache[(level, bucket)] = document
@@ -952,7 +947,7 @@ class Folder:
         tagged "<round>c<piece>", each second taking its entries from the fragments it names
         only; so a busy hour merged again reads a few pieces, never a fragment per second.
         `by_second`: {second offset: [7 counts]} of the hour. This folder deletes the fragments
-        no second names any more in its next round, once no reader can still be reading the hour
+        no second names any more in its next round, once no reader can still be reading the seconds
         document that named them (another folder leaves them: they are never named again)."""
         home = _fragments_home(self._raw, hour)
         whole = sum(map(sum, by_second.values())) <= MAX_WHOLE_HOUR_ENTRIES
@@ -981,7 +976,7 @@ class Folder:
             pieces[piece_tag].append(f";{offset}:{','.join(values(tag, offset) for tag in fragments[offset])}")
             merged[offset] = piece_tag
             size += entries
-        # Written again alike by a retry of this round: the same fragments, named by the same hour document.
+        # Written again alike by a retry of this round: the same fragments, named by the same seconds document.
         self._insert_once(home.name, [{"_id": f"f:{hour}:{tag}", "entries": "".join(piece)}
                                       for tag, piece in pieces.items()])
         compacted = {**fragments, **{offset: [tag] for offset, tag in merged.items()}}
@@ -1199,7 +1194,7 @@ class _Snapshot:
         for times in (*self._current, *self._later):
             times.sort()
         plans = [_plan(low, high) for low, high in ranges]
-        self._fetch({(step[1], step[2]) if step[0] == "piece" else (0, step[1] // 1000 // HOUR)
+        self._fetch({(step[1], step[2]) if step[0] == "piece" else (0, step[1] // 1000 // MINUTE)
                      for plan in plans for step in plan})
         self._fetch_fragments([step for plan in plans for step in plan if step[0] == "detail"])
         answers = []
@@ -1212,7 +1207,7 @@ class _Snapshot:
                     self._add_detail(counts, *step[1:])
             answers.append(counts)
         # A round that began after the state was read shows as an aggregate stamped with it, or as a
-        # fragment the hour document names gone: only then can an answer mix two rounds.
+        # fragment a seconds document names gone: only then can an answer mix two rounds.
         if self._stale or any(document["round"] > self._round for document in self._documents.values()):
             return None
         return answers
@@ -1225,13 +1220,13 @@ class _Snapshot:
             self._documents[key] = found.get((home.name, _id), {"round": 0, "parts": ""})
 
     def _fetch_fragments(self, details):
-        """The fragments the hour documents name for the seconds of `details`, looked up at once."""
+        """The fragments the seconds documents name for the seconds of `details`, looked up at once."""
         self._fragment_ids, wanted = {}, []  # second -> (collection, [fragment _id])
         for _, low_ms, _ in details:
             second = low_ms // 1000
             hour = second // HOUR
             offset = second - hour * HOUR
-            _, tags = _minute_of(self._documents[(0, hour)], offset).get(offset, (None, []))
+            _, tags = _minute_of(self._documents[(0, second // MINUTE)], offset).get(offset, (None, []))
             home = _fragments_home(self._raw, hour)
             self._fragment_ids[second] = home, [f"f:{hour}:{tag}" for tag in tags]
             wanted += [(home, f"f:{hour}:{tag}") for tag in tags]
@@ -1249,8 +1244,11 @@ class _Snapshot:
         child_size = LEVELS[level - 1] if level > 0 else 1
         base = bucket * LEVELS[level] if level < TOP else 0
         first, last = (low - base) // child_size, (high - base) // child_size
-        if level == 0:
-            _add(counts, _sum_seconds(document, first, last))
+        if level == 0:  # the minute's block of its hour's seconds document
+            hour_base = bucket // 60 * HOUR
+            for offset, (more, _) in _minute_of(document, low - hour_base).items():
+                if low - hour_base <= offset < high - hour_base:
+                    _add(counts, more)
         else:
             if "split" not in document:
                 document["split"] = _split_parts(document["parts"])
@@ -1271,4 +1269,4 @@ class _Snapshot:
             for ms, status in _decode_second(fragment["entries"], second - hour * HOUR):
                 if low <= ms < high:
                     counts[status] += 1
-        self._add_pending(counts, self._documents[(0, hour)]["round"], low_ms, high_ms)
+        self._add_pending(counts, self._documents[(0, second // MINUTE)]["round"], low_ms, high_ms)

@@ -460,7 +460,7 @@ def test_seconds_spread_over_many_rounds_are_merged_into_a_few_pieces_and_stay_e
         for low_ms in range(0, 10_500, 97):
             start, end = BASE + timedelta(milliseconds=low_ms), BASE + timedelta(milliseconds=low_ms + 333)
             assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end), (number, low_ms)
-        document = counts._hours_home(collection, hour).find_one({"_id": f"hour:{hour}"})
+        document = counts._seconds_home(collection, hour).find_one({"_id": f"seconds:{hour}"})
         named = {offset: tags for offset, (_, tags) in counts._hour_seconds(document).items()}
         assert max(map(len, named.values())) <= counts.MAX_FRAGMENTS_PER_SECOND
         pieces = {tag for offset in range(10) for tag in named[offset]}  # the ten seconds every round touches
@@ -579,22 +579,17 @@ TAGS = st.lists(st.from_regex(r"[0-9]{1,6}(c[0-9]{1,3})?", fullmatch=True), min_
 COUNTS = st.lists(st.integers(0, 10**6), min_size=7, max_size=7)
 
 
-@given(st.dictionaries(st.integers(0, 3599), st.tuples(COUNTS, TAGS), max_size=60), st.integers(0, 3600),
-       st.integers(0, 3600))
+@given(st.dictionaries(st.integers(0, 3599), st.tuples(COUNTS, TAGS), max_size=60), st.integers(0, 3599))
 @example({112: ([0, 1, 0, 0, 0, 0, 0], ["7"]), 12: ([2, 0, 0, 0, 0, 0, 1], ["5", "3c0"]),
-          1: ([0, 0, 0, 0, 0, 0, 9], ["9"])}, 1, 113)  # a minute that ends another (1 in 11), first and last
-def test_an_hours_seconds_encode_decode_and_sum_any_run(seconds, first, last):
-    """An hour document as _merge_hour writes it: every second's counts and tags come back, the
-    blocks of one minute are found alone, and any run of seconds sums from minutes and blocks."""
+          61: ([0, 0, 0, 0, 0, 0, 9], ["9"])}, 1)  # a minute that ends another (1 in 11), first and last
+def test_an_hours_seconds_encode_decode_and_each_minute_is_found_alone(seconds, offset):
+    """A seconds document as _merge_seconds writes it: every second's counts and tags come back,
+    and the block of one minute is found alone."""
     by_minute = {}
-    for offset, (counts_, tags) in seconds.items():
-        by_minute.setdefault(offset // 60, {})[offset] = [counts_, tags]
-    totals = {minute: [sum(entry[0][status] for entry in block.values()) for status in range(7)]
-              for minute, block in by_minute.items()}
-    document = {"parts": counts._encode_parts(totals),
-                "seconds": counts._join_minutes({minute: counts._encode_minute(block) for minute, block in by_minute.items()})}
-    assert counts._hour_seconds(document) == {offset: [c, t] for offset, (c, t) in seconds.items()}
-    for offset in (*seconds, first % 3600):
-        assert counts._minute_of(dict(document), offset) == by_minute.get(offset // 60, {})
-    expected = [sum(seconds[offset][0][status] for offset in seconds if first <= offset < last) for status in range(7)]
-    assert counts._sum_seconds(dict(document), first, last) == expected
+    for second, (counts_, tags) in seconds.items():
+        by_minute.setdefault(second // 60, {})[second] = [counts_, tags]
+    document = {"seconds": counts._join_minutes({minute: counts._encode_minute(block)
+                                                 for minute, block in by_minute.items()})}
+    assert counts._hour_seconds(document) == {second: [c, t] for second, (c, t) in seconds.items()}
+    for second in (*seconds, offset):
+        assert counts._minute_of(dict(document), second) == by_minute.get(second // 60, {})
