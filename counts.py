@@ -141,7 +141,7 @@ LEASE_WINDOW = QUIET_SECONDS // LEASE_SECONDS + 2  # slots back in which a folde
 # The aggregates a folder keeps after writing them: a day of backfill touches about 50 (the
 # seconds and the counts of each hour), which must not be read again each round.
 CACHED = 128
-# A round rewrites every hour it touches whole, so a backlog spread over days folds in as few
+# A round writes every hour it touches again, so a backlog spread over days folds in as few
 # rounds as memory allows (8 bytes a message while folding); the fragment of one hour written by
 # one round then holds 2,000,000 entries at most, about 12 MB, below MongoDB's 16 MiB.
 MAX_ROUND_ENTRIES = 2_000_000
@@ -247,7 +247,10 @@ def check_layout(collection):
             layout = {"version": 1}  # kept by the version before the marker, in layout 1
         elif collection.find_one({}, {"_id": 1}) is None:
             return  # nothing stored yet
-        else:
+        # A server.py that marked the layout after the first look may have stored and folded
+        # since: the marker, written before anything is stored and never removed, settles it.
+        layout = aggregates.find_one({"_id": "layout"}) or layout
+        if layout is None:
             raise OldLayout(f"{collection.full_name} holds messages whose counts were never kept (an earlier "
                             f"version stored them): stop server.py and run `python server.py --rebuild-counts` to "
                             f"count them")
@@ -360,7 +363,7 @@ def _encode_hour(values):
 
 def _section(text, key):
     """What follows ";<key>:" in `text` up to the next ";" (or the end), or None: one second of a
-    fragment's entries, or of an hour's fragment map, found by a substring search."""
+    fragment's entries, or one minute's block of a seconds document, found by a substring search."""
     start = text.find(f";{key}:")
     if start < 0:
         return None
@@ -428,7 +431,7 @@ def _decode_minute(text):
     seconds = {}
     for entry in text.split("/") if text else ():
         offset, counts, tags = entry.split("=")
-        seconds[int(offset)] = [[int(count) for count in counts.split(",")], tags.split(".")]
+        seconds[int(offset)] = [[int(count) for count in counts.split(",")], tags.split(".") if tags else []]
     return seconds
 
 
@@ -909,7 +912,7 @@ class Folder:
 
     def _merge_seconds(self, number, hour, seconds, current):
         """The seconds document of `hour` with `seconds` ({second offset: [7 counts]}) of round `number` added.
-        Only the blocks of the minutes the round touches are decoded and written again: a backfill
+        Only the blocks of the minutes the round touches are decoded and encoded again: a backfill
         touches a second or two of an hour that may hold all 3,600 (re-encoding a whole busy hour
         took 23 ms a round)."""
         minutes = _split_minutes(current.get("seconds", ""))
@@ -1241,15 +1244,14 @@ class _Snapshot:
     def _add_piece(self, counts, level, bucket, low, high):
         """Whole seconds [low, high) inside one bucket of `level`."""
         document = self._documents[(level, bucket)]
-        child_size = LEVELS[level - 1] if level > 0 else 1
-        base = bucket * LEVELS[level] if level < TOP else 0
-        first, last = (low - base) // child_size, (high - base) // child_size
         if level == 0:  # the minute's block of its hour's seconds document
             hour_base = bucket // 60 * HOUR
             for offset, (more, _) in _minute_of(document, low - hour_base).items():
                 if low - hour_base <= offset < high - hour_base:
                     _add(counts, more)
         else:
+            base = bucket * LEVELS[level] if level < TOP else 0
+            first, last = (low - base) // LEVELS[level - 1], (high - base) // LEVELS[level - 1]
             if "split" not in document:
                 document["split"] = _split_parts(document["parts"])
             _add(counts, _sum_parts(document["split"], first, last))

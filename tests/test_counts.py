@@ -580,8 +580,8 @@ COUNTS = st.lists(st.integers(0, 10**6), min_size=7, max_size=7)
 
 
 @given(st.dictionaries(st.integers(0, 3599), st.tuples(COUNTS, TAGS), max_size=60), st.integers(0, 3599))
-@example({112: ([0, 1, 0, 0, 0, 0, 0], ["7"]), 12: ([2, 0, 0, 0, 0, 0, 1], ["5", "3c0"]),
-          61: ([0, 0, 0, 0, 0, 0, 9], ["9"])}, 1)  # a minute that ends another (1 in 11), first and last
+@example({660: ([0, 1, 0, 0, 0, 0, 0], ["7"]), 60: ([2, 0, 0, 0, 0, 0, 1], ["5", "45c0"]),
+          1260: ([0, 0, 0, 0, 0, 0, 9], ["9"])}, 60)  # minutes 1, 11 and 21: a key that ends another
 def test_an_hours_seconds_encode_decode_and_each_minute_is_found_alone(seconds, offset):
     """A seconds document as _merge_seconds writes it: every second's counts and tags come back,
     and the block of one minute is found alone."""
