@@ -498,6 +498,32 @@ def test_messages_stored_without_counts_are_refused_until_rebuilt(database, capl
         assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end)
 
 
+@pytest.mark.parametrize("stored", ["stored and folded", "stored"])
+def test_a_marker_written_between_two_looks_is_taken(database, monkeypatch, stored):
+    """A reader that looks for the marker of a new store just before a server.py marks it, and
+    then finds the state or a stored message the server.py wrote since, takes the marker."""
+    collection = database["status"]
+    counts.BatchWriter(collection).write([{"_id": "m", "status": 3, "timestamp": BASE}])
+    if stored == "stored and folded":
+        wait_until(counts.Folder(collection).fold_once, what="a round")
+    real = counts._collections
+    looks = []
+
+    class FirstLookMissesTheMarker:
+        def __init__(self, aggregates):
+            self._aggregates = aggregates
+
+        def find_one(self, query, *args, **kwargs):
+            looks.append(query)
+            if len(looks) == 1:
+                return None  # as before the server.py marked the store
+            return self._aggregates.find_one(query, *args, **kwargs)
+
+    monkeypatch.setattr(counts, "_collections", lambda c: (real(c)[0], FirstLookMissesTheMarker(real(c)[1])))
+    counts.check_layout(collection)
+    assert looks == [{"_id": "layout"}, {"_id": "layout"}]
+
+
 @pytest.mark.parametrize("earlier", ["layout 1, before the marker", "another layout"])
 def test_counts_of_an_earlier_layout_are_refused_until_rebuilt(database, earlier):
     collection = database["status"]
