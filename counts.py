@@ -23,7 +23,8 @@ but for three per day of data:
   day in one query (one decoding pass of the collection on FerretDB), reads little.
 - `<c>_counts_<YYYYMMDD>_s`: a document per hour of that day, `{_id: "seconds:<hour>", round,
   seconds}`: per minute a block of counts per second with, per second, the tags of the
-  fragments that hold its millisecond detail. A minute is the level-0 bucket; a round rewrites
+  fragments that hold its millisecond detail (a sparse second as its statuses, a minute's tags
+  written once, see _encode_minute). A minute is the level-0 bucket; a round rewrites
   only the blocks of the minutes it touches, and a reader decodes only those of its bounds.
 - `<c>_counts_<YYYYMMDD>_ms`: the fragments `{_id: "f:<hour>:<tag>", entries}`: each
   round's millisecond times and statuses within one hour, grouped by second (tag: the
@@ -113,8 +114,9 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MINUTE, HOUR, DAY, SPAN = 60, 3600, 86400, 32 * 86400  # seconds; each divides the next
 LEVELS = (MINUTE, HOUR, DAY, SPAN)  # aggregate levels below `all`; a level's parts are buckets of the level below
 # The layout below, marked in `<c>_counts`. Layout 1 (also a store with a state but no marker)
-# kept an hour's counts per second, fragment tags and all, in one document, rewritten whole.
-LAYOUT = 2
+# kept an hour's counts per second, fragment tags and all, in one document, rewritten whole;
+# layout 2 wrote each second's 7 counts and its tags in full (three times the bytes at 4 a second).
+LAYOUT = 3
 LAYOUT_RECHECK_SECONDS = 5  # a reader checks the layout again after this; a rebuild waits it out
 TOP = len(LEVELS)
 # timestamp() is the exact count of microseconds divided by 10**6, correctly rounded. While
@@ -421,19 +423,44 @@ def _sum_parts(split, first, last):
     return [a - b for a, b in zip(top, (int(count) for count in cumulative[low - 1].split(",")))]
 
 
+# A second holding at most this many messages is written as their statuses, one digit each, sorted
+# ("0336"), not as its 7 counts ("1,0,0,2,0,0,1"): at the density of 10,000,000 over 30 days
+# (about 4 a second) that and the tags written once a minute make a seconds document a third.
+DIGITS_UP_TO = 12
+
+
 def _encode_minute(seconds):
-    """{second offset in the hour: [[7 counts], [fragment tags]]} of one minute ->
-    "offset=count,...=tag.tag/offset=...", ascending: one minute's block of a seconds document."""
-    return "/".join(f"{offset}={','.join(map(str, counts))}={'.'.join(tags)}"
-                    for offset, (counts, tags) in sorted(seconds.items()))
+    """{second offset in the hour: [[7 counts], [fragment tags]]} of one minute -> one minute's
+    block of a seconds document: "tag.tag|second=counts=index.index/...", ascending, where each
+    second is its offset in the minute, its counts are either the statuses of its messages
+    ("0336") or its 7 counts ("1000,2,0,0,0,0,1"), and its tags are indexes into the
+    minute's tags (a minute's seconds are mostly folded by the same rounds)."""
+    tags, entries = {}, []
+    for offset, (counts, names) in sorted(seconds.items()):
+        written = ("".join(str(status) * count for status, count in enumerate(counts)) if sum(counts) <= DIGITS_UP_TO
+                   else ",".join(map(str, counts)))
+        indexes = ".".join(str(tags.setdefault(name, len(tags))) for name in names)
+        entries.append(f"{offset % 60}={written}={indexes}")
+    return f"{'.'.join(tags)}|{'/'.join(entries)}"
 
 
-def _decode_minute(text):
-    """The inverse of _encode_minute."""
+def _decode_minute(text, minute):
+    """The inverse of _encode_minute, for the block of `minute` (of the hour)."""
     seconds = {}
-    for entry in text.split("/") if text else ():
-        offset, counts, tags = entry.split("=")
-        seconds[int(offset)] = [[int(count) for count in counts.split(",")], tags.split(".") if tags else []]
+    if not text:
+        return seconds
+    names, _, entries = text.partition("|")
+    names = names.split(".")
+    for entry in entries.split("/") if entries else ():
+        offset, written, indexes = entry.split("=")
+        if "," in written:
+            counts = [int(count) for count in written.split(",")]
+        else:
+            counts = [0] * STATUSES
+            for status in written:
+                counts[int(status)] += 1
+        seconds[minute * 60 + int(offset)] = [counts, [names[int(index)] for index in indexes.split(".")]
+                                              if indexes else []]
     return seconds
 
 
@@ -453,17 +480,17 @@ def _join_minutes(minutes):
 
 def _hour_seconds(document):
     """{second offset: [[7 counts], [fragment tags]]} of every second a seconds document holds."""
-    return {offset: entry for block in _split_minutes(document.get("seconds", "")).values()
-            for offset, entry in _decode_minute(block).items()}
+    return {offset: entry for minute, block in _split_minutes(document.get("seconds", "")).items()
+            for offset, entry in _decode_minute(block, minute).items()}
 
 
 def _minute_of(document, offset):
     """{second offset: [[7 counts], [fragment tags]]} of the minute of `offset` (in the hour) in a
     seconds document that a reader read (each minute decoded once per read)."""
-    decoded = document.setdefault("decoded", {})
-    if offset // 60 not in decoded:
-        decoded[offset // 60] = _decode_minute(_section(document.get("seconds", ""), offset // 60) or "")
-    return decoded[offset // 60]
+    decoded, minute = document.setdefault("decoded", {}), offset // 60
+    if minute not in decoded:
+        decoded[minute] = _decode_minute(_section(document.get("seconds", ""), minute) or "", minute)
+    return decoded[minute]
 
 
 def _add(counts, more):
@@ -922,13 +949,13 @@ class Folder:
         for offset, counts in seconds.items():
             minute = touched.get(offset // 60)
             if minute is None:
-                minute = touched[offset // 60] = _decode_minute(minutes.get(offset // 60, ""))
+                minute = touched[offset // 60] = _decode_minute(minutes.get(offset // 60, ""), offset // 60)
             entry = minute.setdefault(offset, [[0] * STATUSES, []])
             _add(entry[0], counts)
             entry[1].append(str(number))
         crowded = [offset for offset in seconds if len(touched[offset // 60][offset][1]) > MAX_FRAGMENTS_PER_SECOND]
         if crowded:
-            every = {**{minute: _decode_minute(block) for minute, block in minutes.items()}, **touched}
+            every = {**{minute: _decode_minute(block, minute) for minute, block in minutes.items()}, **touched}
             every_second = {offset: entry for minute in every.values() for offset, entry in minute.items()}
             compacted = self._compact(number, hour, {offset: tags for offset, (_, tags) in every_second.items()},
                                       crowded, {offset: counts for offset, (counts, _) in every_second.items()})

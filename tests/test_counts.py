@@ -624,12 +624,15 @@ def test_parts_encode_decode_and_sum_any_run(parts, first, last):
 
 
 TAGS = st.lists(st.from_regex(r"[0-9]{1,6}(c[0-9]{1,3})?", fullmatch=True), min_size=1, max_size=4)
-COUNTS = st.lists(st.integers(0, 10**6), min_size=7, max_size=7)
+COUNTS = st.one_of(st.lists(st.integers(0, 3), min_size=7, max_size=7),  # around DIGITS_UP_TO
+                   st.lists(st.integers(0, 10**6), min_size=7, max_size=7))
 
 
 @given(st.dictionaries(st.integers(0, 3599), st.tuples(COUNTS, TAGS), max_size=60), st.integers(0, 3599))
 @example({660: ([0, 1, 0, 0, 0, 0, 0], ["7"]), 60: ([2, 0, 0, 0, 0, 0, 1], ["5", "45c0"]),
           1260: ([0, 0, 0, 0, 0, 0, 9], ["9"])}, 60)  # minutes 1, 11 and 21: a key that ends another
+@example({7: ([0, 0, 0, 0, 0, 0, 0], []), 8: ([12, 0, 0, 0, 0, 0, 0], ["3", "2"]), 9: ([13, 0, 0, 0, 0, 0, 0], ["2"]),
+          10: ([0, 0, 0, 10, 0, 0, 0], ["2", "3"])}, 8)  # as digits up to 12 messages, as counts from 13
 def test_an_hours_seconds_encode_decode_and_each_minute_is_found_alone(seconds, offset):
     """A seconds document as _merge_seconds writes it: every second's counts and tags come back,
     and the block of one minute is found alone."""
