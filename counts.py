@@ -30,7 +30,7 @@ but for three per day of data:
   round's millisecond times and statuses within one hour, grouped by second (tag: the
   round). Once a second is spread over more than MAX_FRAGMENTS_PER_SECOND, all of its hour's
   are merged (in an hour of over MAX_WHOLE_HOUR_ENTRIES, those of its crowded seconds), into
-  pieces of at most MAX_COMPACTED_ENTRIES (tag: "<round>c<piece>"). Read only for a bound
+  pieces of MAX_COMPACTED_ENTRIES, or MAX_PIECES (tag: "<round>c<piece>"). Read only for a bound
   inside a second; FerretDB reads this collection up to the match (about 2 ns a byte).
 Every raw document carries `batch`, the id of the batch that inserted it. Stored messages
 without counts (an earlier version's), or counts in another layout, are refused by server.py,
@@ -113,9 +113,10 @@ STATUSES = len(messages.STATUSES)  # counts are lists indexed by status
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MINUTE, HOUR, DAY, SPAN = 60, 3600, 86400, 32 * 86400  # seconds; each divides the next
 LEVELS = (MINUTE, HOUR, DAY, SPAN)  # aggregate levels below `all`; a level's parts are buckets of the level below
+MINUTES_AN_HOUR = HOUR // MINUTE  # a level-0 bucket is a minute; its hour's seconds document holds them all
 # The layout below, marked in `<c>_counts`. Layout 1 (also a store with a state but no marker)
 # kept an hour's counts per second, fragment tags and all, in one document, rewritten whole;
-# layout 2 wrote each second's 7 counts and its tags in full (three times the bytes at 4 a second).
+# layout 2 wrote each second's 7 counts and its tags in full (2.7 times the bytes at 4 a second).
 LAYOUT = 3
 LAYOUT_RECHECK_SECONDS = 5  # a reader checks the layout again after this; a rebuild waits it out
 TOP = len(LEVELS)
@@ -149,10 +150,13 @@ CACHED = 128
 MAX_ROUND_ENTRIES = 2_000_000
 MAX_RECORDS_PER_ROUND = 2_000  # the state names them: about 40 KB
 MAX_WHOLE_HOUR_ENTRIES = 1_000_000  # an hour merged whole at most (7 MB read); a busier one's crowded seconds only
-# One merged piece at most: about 25 KB. A bound inside a second reads its second's piece whole, and
-# FerretDB decodes about 28 ns a byte: with pieces of 50,000 (250 KB) the fragments a count read
-# took 10.5 ms on average under 1,000 msg/s, with these 5.9 ms; one of 1,000,000 took 160 ms.
+# A merged piece: up to about 25 KB. A bound inside a second reads its second's piece whole, which
+# FerretDB decodes at about 28 ns a byte (besides reading its collection up to the match, about
+# 2 ns a byte): with pieces of 50,000 (250 KB) the fragments a count read took 10.5 ms on average
+# under 1,000 msg/s, with these 5.9 ms; one of 1,000,000 took 160 ms. But merging an hour again
+# reads each of its pieces with a lookup of its own, so a merge makes no more than MAX_PIECES.
 MAX_COMPACTED_ENTRIES = 5_000
+MAX_PIECES = 20
 WAIT_FOR_RECOVERY_SECONDS = 10 * RECOVER_AFTER_SECONDS
 
 
@@ -192,13 +196,13 @@ def _fragments_home(collection, hour):
 def _aggregate_id(level, bucket):
     """A level-0 bucket is a minute, kept in the seconds document of its hour with the others."""
     if level == 0:
-        return f"seconds:{bucket // 60}"
+        return f"seconds:{bucket // MINUTES_AN_HOUR}"
     return f"{('hour', 'day', 'span')[level - 1]}:{bucket}" if level < TOP else "all"
 
 
 def _home(collection, level, bucket):
     if level == 0:
-        return _seconds_home(collection, bucket // 60)
+        return _seconds_home(collection, bucket // MINUTES_AN_HOUR)
     return _hours_home(collection, bucket) if level == 1 else _collections(collection)[1]
 
 
@@ -346,7 +350,7 @@ def _decode_entries(text):
     return times, statuses
 
 
-def _encode_hour(values):
+def _encode_fragment(values):
     """Sorted [ms in hour·8 + status] -> (";second:ms in second·10+status,...;...", {second: [7
     counts]}), in one pass and without a tuple per entry (a round may hold 2,000,000 of one hour).
     The text is a fragment's: a reader finds one second's entries by a substring search."""
@@ -440,7 +444,7 @@ def _encode_minute(seconds):
         written = ("".join(str(status) * count for status, count in enumerate(counts)) if sum(counts) <= DIGITS_UP_TO
                    else ",".join(map(str, counts)))
         indexes = ".".join(str(tags.setdefault(name, len(tags))) for name in names)
-        entries.append(f"{offset % 60}={written}={indexes}")
+        entries.append(f"{offset % MINUTE}={written}={indexes}")
     return f"{'.'.join(tags)}|{'/'.join(entries)}"
 
 
@@ -449,7 +453,9 @@ def _decode_minute(text, minute):
     seconds = {}
     if not text:
         return seconds
-    names, _, entries = text.partition("|")
+    names, separator, entries = text.partition("|")
+    if not separator:
+        raise ValueError(f"not a block of layout {LAYOUT}: {text[:40]!r}")
     names = names.split(".")
     for entry in entries.split("/") if entries else ():
         offset, written, indexes = entry.split("=")
@@ -459,7 +465,7 @@ def _decode_minute(text, minute):
             counts = [0] * STATUSES
             for status in written:
                 counts[int(status)] += 1
-        seconds[minute * 60 + int(offset)] = [counts, [names[int(index)] for index in indexes.split(".")]
+        seconds[minute * MINUTE + int(offset)] = [counts, [names[int(index)] for index in indexes.split(".")]
                                               if indexes else []]
     return seconds
 
@@ -487,7 +493,7 @@ def _hour_seconds(document):
 def _minute_of(document, offset):
     """{second offset: [[7 counts], [fragment tags]]} of the minute of `offset` (in the hour) in a
     seconds document that a reader read (each minute decoded once per read)."""
-    decoded, minute = document.setdefault("decoded", {}), offset // 60
+    decoded, minute = document.setdefault("decoded", {}), offset // MINUTE
     if minute not in decoded:
         decoded[minute] = _decode_minute(_section(document.get("seconds", ""), minute) or "", minute)
     return decoded[minute]
@@ -866,17 +872,17 @@ class Folder:
         for day in sorted(days):
             seconds, fragments = {}, []  # hour -> {second offset: counts}; the day's fragment documents
             for hour in sorted(days[day]):
-                text, seconds[hour] = _encode_hour(sorted(by_hour.pop(hour)))
+                text, seconds[hour] = _encode_fragment(sorted(by_hour.pop(hour)))
                 fragments.append({"_id": f"f:{hour}:{number}", "entries": text})
             self._insert_once(_fragments_home(self._raw, days[day][0]).name, fragments)
-            current = self._current(0, [hour * 60 for hour in seconds])  # an hour's minutes share a document
+            current = self._current(0, [hour * MINUTES_AN_HOUR for hour in seconds])  # an hour's minutes share a document
             for hour, parts in seconds.items():
                 if not self._renewing():
                     raise _LeaseLost()
                 with pymongo.timeout(STEP_SECONDS):
-                    self._merge(number, 0, hour * 60, parts, current[hour * 60])
+                    self._merge(number, 0, hour * MINUTES_AN_HOUR, parts, current[hour * MINUTES_AN_HOUR])
                 for offset, counts in parts.items():
-                    _add(totals.setdefault(hour * 60 + offset // 60, [0] * STATUSES), counts)
+                    _add(totals.setdefault(hour * MINUTES_AN_HOUR + offset // MINUTE, [0] * STATUSES), counts)
         level_parts = [{minute: {0: total} for minute, total in totals.items()}]  # each minute as one part: its total
         for level in range(1, TOP + 1):  # each level's parts are the totals of the level below
             child_size = LEVELS[level - 1]
@@ -930,7 +936,7 @@ class Folder:
             self._remember(level, bucket, current)
             return  # done by this round's first attempt
         if level == 0:
-            document = self._merge_seconds(number, bucket // 60, parts, current)
+            document = self._merge_seconds(number, bucket // MINUTES_AN_HOUR, parts, current)
         else:
             merged = _decode_parts(current["parts"])
             for offset, counts in parts.items():
@@ -947,13 +953,13 @@ class Folder:
         minutes = _split_minutes(current.get("seconds", ""))
         touched = {}  # minute -> its seconds, decoded
         for offset, counts in seconds.items():
-            minute = touched.get(offset // 60)
+            minute = touched.get(offset // MINUTE)
             if minute is None:
-                minute = touched[offset // 60] = _decode_minute(minutes.get(offset // 60, ""), offset // 60)
+                minute = touched[offset // MINUTE] = _decode_minute(minutes.get(offset // MINUTE, ""), offset // MINUTE)
             entry = minute.setdefault(offset, [[0] * STATUSES, []])
             _add(entry[0], counts)
             entry[1].append(str(number))
-        crowded = [offset for offset in seconds if len(touched[offset // 60][offset][1]) > MAX_FRAGMENTS_PER_SECOND]
+        crowded = [offset for offset in seconds if len(touched[offset // MINUTE][offset][1]) > MAX_FRAGMENTS_PER_SECOND]
         if crowded:
             every = {**{minute: _decode_minute(block, minute) for minute, block in minutes.items()}, **touched}
             every_second = {offset: entry for minute in every.values() for offset, entry in minute.items()}
@@ -975,9 +981,10 @@ class Folder:
         """{second offset: [fragment tags]} once the detail of some seconds is merged: of every
         second of the hour while it holds at most MAX_WHOLE_HOUR_ENTRIES messages (so that a quiet
         day keeps few fragments), else of the `crowded` seconds only. They are merged in second
-        order into pieces of at most MAX_COMPACTED_ENTRIES messages (a second is never split),
-        tagged "<round>c<piece>", each second taking its entries from the fragments it names
-        only; so a busy hour merged again reads a few pieces, never a fragment per second.
+        order into pieces of at most MAX_COMPACTED_ENTRIES messages, or into MAX_PIECES if
+        that makes more (a second is never split), tagged "<round>c<piece>", each second taking
+        its entries from the fragments it names only; so a busy hour merged again reads at most
+        MAX_PIECES pieces and the fragments written since, never a fragment per second.
         `by_second`: {second offset: [7 counts]} of the hour. This folder deletes the fragments
         no second names any more in its next round, once no reader can still be reading the seconds
         document that named them (another folder leaves them: they are never named again)."""
@@ -999,10 +1006,14 @@ class Folder:
             read_up_to[tag] = end = len(text) if end < 0 else end
             return text[start:end]
 
+        sizes = [sum(by_second[offset]) for offset in seconds]
+        # A piece is closed only when the next second would take it past this, so each closed one
+        # holds over sum / MAX_PIECES: there are at most MAX_PIECES.
+        piece_entries = max(MAX_COMPACTED_ENTRIES, -(-sum(sizes) // MAX_PIECES) + max(sizes))
         pieces, merged, size = {}, {}, 0  # tag -> [";second:values"], second offset -> its piece's tag
         for offset in seconds:
             entries = sum(by_second[offset])
-            if not pieces or (size and size + entries > MAX_COMPACTED_ENTRIES):
+            if not pieces or (size and size + entries > piece_entries):
                 piece_tag = f"{number}c{len(pieces)}"
                 pieces[piece_tag], size = [], 0
             pieces[piece_tag].append(f";{offset}:{','.join(values(tag, offset) for tag in fragments[offset])}")
@@ -1301,7 +1312,7 @@ class _Snapshot:
         """Whole seconds [low, high) inside one bucket of `level`."""
         document = self._documents[(level, bucket)]
         if level == 0:  # the minute's block of its hour's seconds document
-            hour_base = bucket // 60 * HOUR
+            hour_base = bucket // MINUTES_AN_HOUR * HOUR
             for offset, (more, _) in _minute_of(document, low - hour_base).items():
                 if low - hour_base <= offset < high - hour_base:
                     _add(counts, more)

@@ -361,7 +361,7 @@ class StatusServer:
                 self._one_at_a_time, self._failed_deliveries = False, 0
                 self._connection.close()
                 return True
-            if self._batch and (cancelled or len(self._batch) >= BATCH_SIZE
+            if self._batch and (cancelled or self._one_at_a_time or len(self._batch) >= BATCH_SIZE
                                 or time.monotonic() - self._batch_started >= FLUSH_SECONDS):
                 self._hand_to_writer()
             if cancelled and not self._batch and not self._unacknowledged():

@@ -437,17 +437,20 @@ def test_a_round_cut_short_and_finished_by_the_same_folder_is_exact(database, ch
         assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end), (start, end)
 
 
-@pytest.mark.parametrize("whole_hours_up_to, piece_entries", [(10**6, 10**6), (50, 50), (10**6, 7)],
-                         ids=["whole hour merged", "busy hour: crowded seconds", "whole hour in small pieces"])
-def test_seconds_spread_over_many_rounds_are_merged_into_a_few_pieces_and_stay_exact(database, monkeypatch,
-                                                                                   whole_hours_up_to, piece_entries):
+@pytest.mark.parametrize("whole_hours_up_to, piece_entries, max_pieces",
+                         [(10**6, 10**6, 20), (50, 50, 20), (10**6, 7, 20), (10**6, 7, 3)],
+                         ids=["whole hour merged", "busy hour: crowded seconds", "whole hour in small pieces",
+                              "whole hour in at most 3 pieces"])
+def test_seconds_spread_over_many_rounds_are_merged_into_a_few_pieces_and_stay_exact(
+        database, monkeypatch, whole_hours_up_to, piece_entries, max_pieces):
     """Rounds that each touch the same ten seconds (and another second of the hour): their
     detail is merged so that no second is named in more than MAX_FRAGMENTS_PER_SECOND fragments,
-    into pieces of at most MAX_COMPACTED_ENTRIES messages (so a busy hour names a few pieces, not
-    one per second), the fragments no second names any more are deleted, and every bound inside
-    those seconds stays exact."""
+    into pieces of at most MAX_COMPACTED_ENTRIES messages, or MAX_PIECES if that makes more (so
+    a busy hour names a few pieces, not one per second), the fragments no second names any more
+    are deleted, and every bound inside those seconds stays exact."""
     monkeypatch.setattr(counts, "MAX_WHOLE_HOUR_ENTRIES", whole_hours_up_to)
     monkeypatch.setattr(counts, "MAX_COMPACTED_ENTRIES", piece_entries)
+    monkeypatch.setattr(counts, "MAX_PIECES", max_pieces)
     collection = database["status"]
     writer, folder = counts.BatchWriter(collection), counts.Folder(collection)
     hour = counts.epoch_seconds(BASE) // counts.HOUR
@@ -465,6 +468,8 @@ def test_seconds_spread_over_many_rounds_are_merged_into_a_few_pieces_and_stay_e
         assert max(map(len, named.values())) <= counts.MAX_FRAGMENTS_PER_SECOND
         pieces = {tag for offset in range(10) for tag in named[offset]}  # the ten seconds every round touches
         assert len(pieces) <= 40 * (number + 1) // piece_entries + 1 + counts.MAX_FRAGMENTS_PER_SECOND
+        if whole_hours_up_to == 10**6:  # the whole hour's pieces are those of its last merge
+            assert len({tag for tags in named.values() for tag in tags if "c" in tag}) <= max_pieces
     named_tags = {tag for tags in named.values() for tag in tags}
     writer.write([{"_id": "later", "status": 1, "timestamp": BASE + timedelta(hours=2)}])
     wait_until(folder.fold_once, what="a round that deletes what the last merge superseded")
@@ -623,7 +628,7 @@ def test_parts_encode_decode_and_sum_any_run(parts, first, last):
     assert counts._sum_parts(counts._split_parts(text), first, last) == expected
 
 
-TAGS = st.lists(st.from_regex(r"[0-9]{1,6}(c[0-9]{1,3})?", fullmatch=True), min_size=1, max_size=4)
+TAGS = st.lists(st.from_regex(r"[0-9]{1,6}(c[0-9]{1,3})?", fullmatch=True), max_size=4)
 COUNTS = st.one_of(st.lists(st.integers(0, 3), min_size=7, max_size=7),  # around DIGITS_UP_TO
                    st.lists(st.integers(0, 10**6), min_size=7, max_size=7))
 
