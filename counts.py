@@ -875,7 +875,8 @@ class Folder:
                 text, seconds[hour] = _encode_fragment(sorted(by_hour.pop(hour)))
                 fragments.append({"_id": f"f:{hour}:{number}", "entries": text})
             self._insert_once(_fragments_home(self._raw, days[day][0]).name, fragments)
-            current = self._current(0, [hour * MINUTES_AN_HOUR for hour in seconds])  # an hour's minutes share a document
+            # an hour's minutes share a document
+            current = self._current(0, [hour * MINUTES_AN_HOUR for hour in seconds])
             for hour, parts in seconds.items():
                 if not self._renewing():
                     raise _LeaseLost()
@@ -953,10 +954,10 @@ class Folder:
         minutes = _split_minutes(current.get("seconds", ""))
         touched = {}  # minute -> its seconds, decoded
         for offset, counts in seconds.items():
-            minute = touched.get(offset // MINUTE)
-            if minute is None:
-                minute = touched[offset // MINUTE] = _decode_minute(minutes.get(offset // MINUTE, ""), offset // MINUTE)
-            entry = minute.setdefault(offset, [[0] * STATUSES, []])
+            number_of_minute = offset // MINUTE
+            if number_of_minute not in touched:
+                touched[number_of_minute] = _decode_minute(minutes.get(number_of_minute, ""), number_of_minute)
+            entry = touched[number_of_minute].setdefault(offset, [[0] * STATUSES, []])
             _add(entry[0], counts)
             entry[1].append(str(number))
         crowded = [offset for offset in seconds if len(touched[offset // MINUTE][offset][1]) > MAX_FRAGMENTS_PER_SECOND]
@@ -1011,8 +1012,7 @@ class Folder:
         # holds over sum / MAX_PIECES: there are at most MAX_PIECES.
         piece_entries = max(MAX_COMPACTED_ENTRIES, -(-sum(sizes) // MAX_PIECES) + max(sizes))
         pieces, merged, size = {}, {}, 0  # tag -> [";second:values"], second offset -> its piece's tag
-        for offset in seconds:
-            entries = sum(by_second[offset])
+        for offset, entries in zip(seconds, sizes):
             if not pieces or (size and size + entries > piece_entries):
                 piece_tag = f"{number}c{len(pieces)}"
                 pieces[piece_tag], size = [], 0
