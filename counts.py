@@ -22,10 +22,12 @@ but for three per day of data:
   parts}`, counts per minute: small, so that a series by minute, which reads every hour of a
   day in one query (one decoding pass of the collection on FerretDB), reads little.
 - `<c>_counts_<YYYYMMDD>_s`: a document per hour of that day, `{_id: "seconds:<hour>", round,
-  seconds}`: per minute a block of counts per second with, per second, the tags of the
+  seconds, minutes}`: per minute a block of counts per second with, per second, the tags of the
   fragments that hold its millisecond detail (a sparse second as its statuses, a minute's tags
   written once, see _encode_minute). A minute is the level-0 bucket; a round rewrites
   only the blocks of the minutes it touches, and a reader decodes only those of its bounds.
+  `minutes` repeats the hour document's counts per minute (2 KB at 13,889 an hour), so that a
+  count whose bound falls in this hour reads its whole minutes here too, not in the hour document.
 - `<c>_counts_<YYYYMMDD>_ms`: the fragments `{_id: "f:<hour>:<tag>", entries}`: each
   round's millisecond times and statuses within one hour, grouped by second (tag: the
   round). Once a second is spread over more than MAX_FRAGMENTS_PER_SECOND, all of its hour's
@@ -68,12 +70,13 @@ Why every answer is exact once the batches in flight are acknowledged:
    stamped r holds exactly the records of rounds up to r that touch it, and a record still
    in the log is in no aggregate unless its round is the state's current one.
 3. Reads. A reader reads the log (state and records in one query), then the aggregates it
-   needs. Each piece of the range is answered by one aggregate X and by the logged records
-   that X does not hold yet: those not in the state's round, or in it while X's round is
-   below it. A record folded and deleted before the log was read is in X (X is read after
-   it). A round that began after the log was read can only make this wrong by having
-   written X first, which X's round then shows, or by having deleted a fragment X names;
-   the reader starts over in either case.
+   needs. Each piece of the range is answered by one aggregate X (whole minutes of an hour by
+   its seconds document when a bound falls in that hour, whose `minutes` are written with its
+   seconds, in one write) and by the logged records that X does not hold yet: those not in
+   the state's round, or in it while X's round is below it. A record folded and deleted
+   before the log was read is in X (X is read after it). A round that began after the log
+   was read can only make this wrong by having written X first, which X's round then shows,
+   or by having deleted a fragment X names; the reader starts over in either case.
 4. Leases. One folder at a time holds the lease of a time slot, claimed with a unique
    insert, and writes only within the slot it holds; one that takes over from another,
    or whose write failed, first waits out QUIET_SECONDS, the deadline of any write still
@@ -116,8 +119,9 @@ LEVELS = (MINUTE, HOUR, DAY, SPAN)  # aggregate levels below `all`; a level's pa
 MINUTES_AN_HOUR = HOUR // MINUTE  # a level-0 bucket is a minute; its hour's seconds document holds them all
 # The layout below, marked in `<c>_counts`. Layout 1 (also a store with a state but no marker)
 # kept an hour's counts per second, fragment tags and all, in one document, rewritten whole;
-# layout 2 wrote each second's 7 counts and its tags in full (2.7 times the bytes at 4 a second).
-LAYOUT = 3
+# layout 2 wrote each second's 7 counts and its tags in full (2.7 times the bytes at 4 a second);
+# layout 3 kept an hour's counts per minute in its hour document only.
+LAYOUT = 4
 LAYOUT_RECHECK_SECONDS = 5  # a reader checks the layout again after this; a rebuild waits it out
 TOP = len(LEVELS)
 # timestamp() is the exact count of microseconds divided by 10**6, correctly rounded. While
@@ -971,7 +975,10 @@ class Folder:
             touched = every
         for minute, decoded in touched.items():
             minutes[minute] = _encode_minute(decoded)
-        return {"round": number, "seconds": _join_minutes(minutes)}
+        totals = _decode_parts(current.get("minutes", ""))
+        for offset, counts in seconds.items():
+            _add(totals.setdefault(offset // MINUTE, [0] * STATUSES), counts)
+        return {"round": number, "seconds": _join_minutes(minutes), "minutes": _encode_parts(totals)}
 
     def _remember(self, level, bucket, document):
         self._cache[(level, bucket)] = document
@@ -1264,8 +1271,16 @@ class _Snapshot:
         for times in (*self._current, *self._later):
             times.sort()
         plans = [_plan(low, high) for low, high in ranges]
-        self._fetch({(step[1], step[2]) if step[0] == "piece" else (0, step[1] // 1000 // MINUTE)
-                     for plan in plans for step in plan})
+        keys = {(step[1], step[2]) if step[0] == "piece" else (0, step[1] // 1000 // MINUTE)
+                for plan in plans for step in plan}
+        # An hour whose seconds document is read for a bound answers its whole minutes from that
+        # document's totals per minute too: one lookup less at each end of a range.
+        with_seconds = {bucket // MINUTES_AN_HOUR: (0, bucket) for level, bucket in keys if level == 0}
+        self._fetch({key for key in keys if key[0] != 1 or key[1] not in with_seconds})
+        for level, bucket in keys:
+            if level == 1 and bucket in with_seconds:
+                seconds = self._documents[with_seconds[bucket]]
+                self._documents[(1, bucket)] = {"round": seconds["round"], "parts": seconds.get("minutes", "")}
         self._fetch_fragments([step for plan in plans for step in plan if step[0] == "detail"])
         answers = []
         for plan in plans:
