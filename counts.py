@@ -9,12 +9,14 @@ Three roles, one per class:
   folded, reading a dozen small documents by _id and never the raw collection.
 
 Layout, for raw collection `status` (`<c>` below); the number of collections is fixed
-but for three per day of data:
-- `<c>_counts_log`: per batch an intent `{_id: "i:<batch>", owner[, abandoned]}`, inserted before
-  the raw insert, and a record `{_id: "c:<batch>", entries}` of the documents the batch
-  created (their millisecond times and statuses), inserted after it; `{_id: "state",
+but for six per day of data:
+- `<c>_counts_intents`: per batch an intent `{_id: "i:<batch>", owner[, abandoned]}`, inserted
+  before the raw insert. Apart from the log, which every count reads whole: on FerretDB each
+  document a query returns costs about 50 µs, and readers need no intent.
+- `<c>_counts_log`: per batch a record `{_id: "c:<batch>", entries}` of the documents the batch
+  created (their millisecond times and statuses), inserted after the raw insert; `{_id: "state",
   round, records}`, the folder's current round; `lease:<slot>` documents that elect the
-  one folder. Small: the folder deletes what it has folded.
+  one folder. Both small: the folder deletes what it has folded.
 - `<c>_counts`: `{_id: "layout", version}` (LAYOUT, written by server.py before it stores
   anything), and a document per day (counts per hour), per 32-day span (counts per day) and
   `all` (counts per span), each `{_id, round, parts}`.
@@ -28,7 +30,8 @@ but for three per day of data:
   only the blocks of the minutes it touches, and a reader decodes only those of its bounds.
   `minutes` repeats the hour document's counts per minute (2 KB at 13,889 an hour), so that a
   count whose bound falls in this hour reads its whole minutes here too, not in the hour document.
-- `<c>_counts_<YYYYMMDD>_ms`: the fragments `{_id: "f:<hour>:<tag>", entries}`: each
+- `<c>_counts_<YYYYMMDD>_ms<HH>`: the fragments `{_id: "f:<hour>:<tag>", entries}` of the
+  FRAGMENT_HOURS from hour HH of that day: each
   round's millisecond times and statuses within one hour, grouped by second (tag: the
   round). Once a second is spread over more than MAX_FRAGMENTS_PER_SECOND, all of its hour's
   are merged (in an hour of over MAX_WHOLE_HOUR_ENTRIES, those of its crowded seconds), into
@@ -117,11 +120,18 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MINUTE, HOUR, DAY, SPAN = 60, 3600, 86400, 32 * 86400  # seconds; each divides the next
 LEVELS = (MINUTE, HOUR, DAY, SPAN)  # aggregate levels below `all`; a level's parts are buckets of the level below
 MINUTES_AN_HOUR = HOUR // MINUTE  # a level-0 bucket is a minute; its hour's seconds document holds them all
+# The hours of millisecond detail one collection holds (it divides a day). FerretDB finds a fragment
+# by reading its collection up to the match, parsing every document on the way (about 2 ns a byte):
+# a day's detail at the density of 10,000,000 a month is 2 to 3 MB, and the newest fragments, which
+# a range ending at now asks for, come last; so do the fragments a merge reads, one lookup each.
+# A quarter of a day reads a quarter of that, for 4 collections a day instead of 1.
+FRAGMENT_HOURS = 6
 # The layout below, marked in `<c>_counts`. Layout 1 (also a store with a state but no marker)
 # kept an hour's counts per second, fragment tags and all, in one document, rewritten whole;
 # layout 2 wrote each second's 7 counts and its tags in full (2.7 times the bytes at 4 a second);
-# layout 3 kept an hour's counts per minute in its hour document only.
-LAYOUT = 4
+# layout 3 kept an hour's counts per minute in its hour document only; layout 4 kept the intents
+# in the log and a day's millisecond detail in one collection.
+LAYOUT = 5
 LAYOUT_RECHECK_SECONDS = 5  # a reader checks the layout again after this; a rebuild waits it out
 TOP = len(LEVELS)
 # timestamp() is the exact count of microseconds divided by 10**6, correctly rounded. While
@@ -184,6 +194,10 @@ def _collections(collection):
     return database[f"{name}_counts_log"], database[f"{name}_counts"]
 
 
+def _intents(collection):
+    return collection.database[f"{collection.name}_counts_intents"]
+
+
 def _hours_home(collection, hour):
     day = EPOCH + timedelta(hours=hour)
     return collection.database[f"{collection.name}_counts_{day.year:04d}{day.month:02d}{day.day:02d}"]
@@ -194,7 +208,8 @@ def _seconds_home(collection, hour):
 
 
 def _fragments_home(collection, hour):
-    return collection.database[f"{_hours_home(collection, hour).name}_ms"]
+    first_hour = hour % (DAY // HOUR) // FRAGMENT_HOURS * FRAGMENT_HOURS
+    return collection.database[f"{_hours_home(collection, hour).name}_ms{first_hour:02d}"]
 
 
 def _aggregate_id(level, bucket):
@@ -551,7 +566,7 @@ class BatchWriter:
         self._raw = collection
         self._timeout_seconds = timeout_seconds  # each store step's deadline (pymongo's maxTimeMS and socket timeouts)
         self._fault_hook = fault_hook or (lambda point, detail=None: None)
-        self._log = _collections(collection)[0]
+        self._log, self._intents = _collections(collection)[0], _intents(collection)
         self._wait_seconds = wait_seconds
         self._abandoned = {}  # batch -> when a write of this process gave it up (monotonic)
         self._abandoned_lock = threading.Lock()
@@ -570,7 +585,7 @@ class BatchWriter:
         batch = uuid.uuid4().hex[:16]
         try:
             with pymongo.timeout(self._timeout_seconds):
-                self._log.insert_one({"_id": f"i:{batch}", "owner": OWNER, **self._abandoned_before()})
+                self._intents.insert_one({"_id": f"i:{batch}", "owner": OWNER, **self._abandoned_before()})
                 for document in documents:
                     document["batch"] = batch
                 refused, duplicates = self._insert(documents)
@@ -630,7 +645,7 @@ class BatchWriter:
         """A duplicate was created by an earlier batch, whose record may still be missing:
         wait until every intent open now (but this batch's) is closed by its record."""
         with pymongo.timeout(self._timeout_seconds):
-            open_now = _open_intents(self._log) - {batch}
+            open_now = _open_intents(self._intents, self._log) - {batch}
         started, logged = time.monotonic(), False
         while open_now:
             if time.monotonic() - started > WAIT_FOR_RECOVERY_SECONDS:
@@ -641,7 +656,7 @@ class BatchWriter:
                 logged = True
             time.sleep(self._wait_seconds)
             with pymongo.timeout(self._timeout_seconds):
-                open_now &= _open_intents(self._log)
+                open_now &= _open_intents(self._intents, self._log)
         if logged:
             LOG.info("interrupted batches recovered after %.1fs", time.monotonic() - started)
 
@@ -667,9 +682,13 @@ def _unencodable(documents, codec_options):
     return refused
 
 
-def _open_intents(log, documents=None):
-    """Batch ids whose intent has no record yet."""
-    ids = [document["_id"] for document in (documents if documents is not None else log.find({}, {"_id": 1}))]
+def _open_intents(intents, log, documents=None):
+    """Batch ids whose intent has no record yet, from `documents` (the intents, then the log) or read
+    now. The intents first: a batch whose record lands between the two reads shows closed, as it is;
+    one folded between them shows open, until the next read."""
+    if documents is None:
+        documents = [*intents.find({}, {"_id": 1}), *log.find({}, {"_id": 1})]
+    ids = [document["_id"] for document in documents]
     intents = {_id[2:] for _id in ids if _id.startswith("i:")}
     return intents - {_id[2:] for _id in ids if _id.startswith("c:")}
 
@@ -687,6 +706,7 @@ class Folder:
                  clock=time.time, rebuilding=False):
         self._raw = collection
         self._log, self._aggregates = _collections(collection)
+        self._intents = _intents(collection)
         self._recover_after, self._dead_owner_grace = recover_after, dead_owner_grace
         self._clock = clock
         self._name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -789,14 +809,14 @@ class Folder:
         with pymongo.timeout(STEP_SECONDS):
             if not self._holds_lease() or not (self._layout_ok or self._check_layout()):
                 return False
-            log = list(self._log.find({}))
+            log = self._read_log()
         recorded = self._record_recovered(log)
         with self._found_lock:
             stale = [batch for batch in self._due_for_recovery(log) if batch not in recorded and batch not in self._found]
         if stale and not recover_beside:
             self._add_found(self._find_stamped(stale))
             with pymongo.timeout(STEP_SECONDS):  # the read may have taken minutes: what is open now
-                log = list(self._log.find({}))
+                log = self._read_log()
             self._record_recovered(log)
         elif stale and not (self._recovery and self._recovery.is_alive()):
             self._recovery = threading.Thread(target=self._find_stamped_beside, args=(stale,),
@@ -805,6 +825,11 @@ class Folder:
         if not self._still_holds():
             return False
         return self._round(log)
+
+    def _read_log(self):
+        """The intents, then the log: only this folder deletes from them, so none goes between the two
+        reads, and a record that lands between them closes its intent, as it does."""
+        return [*self._intents.find({}), *self._log.find({})]
 
     def _check_layout(self):
         """True once the counts are known to be in LAYOUT; another layout is logged once and never folded into."""
@@ -855,7 +880,7 @@ class Folder:
             return False
         done = [record["_id"] for record in records]
         with pymongo.timeout(STEP_SECONDS):  # intents first: an intent without its record would look open
-            self._log.delete_many({"_id": {"$in": [f"i:{_id[2:]}" for _id in done]}})
+            self._intents.delete_many({"_id": {"$in": [f"i:{_id[2:]}" for _id in done]}})
         with pymongo.timeout(STEP_SECONDS):
             self._log.delete_many({"_id": {"$in": done}})
         return True
@@ -874,11 +899,12 @@ class Folder:
             days[hour * HOUR // DAY].append(hour)
         totals = {}  # minute -> [7 counts] this round adds
         for day in sorted(days):
-            seconds, fragments = {}, []  # hour -> {second offset: counts}; the day's fragment documents
+            seconds, fragments = {}, collections.defaultdict(list)  # hour -> {second offset: counts}; home -> fragments
             for hour in sorted(days[day]):
                 text, seconds[hour] = _encode_fragment(sorted(by_hour.pop(hour)))
-                fragments.append({"_id": f"f:{hour}:{number}", "entries": text})
-            self._insert_once(_fragments_home(self._raw, days[day][0]).name, fragments)
+                fragments[_fragments_home(self._raw, hour).name].append({"_id": f"f:{hour}:{number}", "entries": text})
+            for home, documents in fragments.items():
+                self._insert_once(home, documents)
             # an hour's minutes share a document
             current = self._current(0, [hour * MINUTES_AN_HOUR for hour in seconds])
             for hour, parts in seconds.items():
@@ -1000,7 +1026,7 @@ class Folder:
         whole = sum(map(sum, by_second.values())) <= MAX_WHOLE_HOUR_ENTRIES
         seconds = sorted(fragments) if whole else sorted(crowded)
         tags = sorted({tag for offset in seconds for tag in fragments[offset]})
-        with pymongo.timeout(STEP_SECONDS):  # each its own query: $in would decode the day's detail whole
+        with pymongo.timeout(STEP_SECONDS):  # each its own query: $in would decode its collection whole
             found = _look_up([(home, f"f:{hour}:{tag}") for tag in tags], separate=len(tags))
         if len(found) < len(tags):
             raise RuntimeError("a fragment that its hour names is missing")  # never deleted while named
@@ -1048,7 +1074,7 @@ class Folder:
         now = time.monotonic()
         owners = {record["_id"][2:]: record.get("owner") for record in log if record["_id"].startswith("i:")}
         named = {batch for record in log if record["_id"].startswith("i:") for batch in record.get("abandoned", ())}
-        open_now = _open_intents(self._log, log)
+        open_now = _open_intents(self._intents, self._log, log)
         self._open_since = {batch: self._open_since.get(batch, now) for batch in open_now}
         # Since when this folder knows the batch's writer gone or given up: remembered, as the
         # intent that names a batch given up is deleted once its own batch is folded.
@@ -1085,7 +1111,7 @@ class Folder:
         if not found or not self._still_holds(quiet_or_not=True):
             self._add_found(found)
             return set()
-        open_now = _open_intents(self._log, log)
+        open_now = _open_intents(self._intents, self._log, log)
         for batch, entries in found.items():
             if batch not in open_now:
                 continue  # its owner wrote the record after all, or it was recovered and folded
@@ -1315,7 +1341,7 @@ class _Snapshot:
             home = _fragments_home(self._raw, hour)
             self._fragment_ids[second] = home, [f"f:{hour}:{tag}" for tag in tags]
             wanted += [(home, f"f:{hour}:{tag}") for tag in tags]
-        # never together: a day's detail at 1,000 msg/s is hundreds of MB, which $in would decode whole
+        # never together: six hours' detail at 1,000 msg/s is over 100 MB, which $in would decode whole
         self._fragments = _look_up(wanted, separate=len(wanted))
 
     def _add_pending(self, counts, since_round, low_ms, high_ms):

@@ -316,13 +316,14 @@ def test_a_late_finding_of_the_recovery_thread_is_not_recorded_twice(database):
 
     with pytest.raises(Crash):
         counts.BatchWriter(collection, fault_hook=crash_after_raw_insert).write(documents)
-    batch = next(d["_id"][2:] for d in database["status_counts_log"].find() if d["_id"].startswith("i:"))
+    batch = next(d["_id"][2:] for d in database["status_counts_intents"].find())
     folder = counts.Folder(collection, recover_after=0)
     late = folder._find_stamped([batch])  # a read that will end late
     assert len(late[batch]) == 30
     for _ in range(3):  # reads again and records; then folds and deletes the record and its intent
         folder.fold_once()
-    assert database["status_counts_log"].count_documents({"_id": {"$in": [f"i:{batch}", f"c:{batch}"]}}) == 0
+    assert database["status_counts_intents"].count_documents({}) == database["status_counts_log"].count_documents(
+        {"_id": f"c:{batch}"}) == 0
     counts.BatchWriter(collection).write([{"_id": "later", "status": 6, "timestamp": BASE}])
     for _ in range(2):  # a round after the one that folded the recovered record
         folder.fold_once()
@@ -376,6 +377,7 @@ def test_no_count_and_no_steady_state_write_reads_the_raw_collection(database):
             counts.count(collection, start, end)
         reader_commands = list(log.commands)
         assert [c for c in log.commands if c[1] == "status" and c[0] in READS] == []
+        assert [c for c in log.commands if c[1] == "status_counts_intents"] == []  # readers need no intent
         assert len(reader_commands) <= 30 * len(bounds)
     finally:
         client.close()
@@ -394,7 +396,7 @@ def test_a_thirty_day_count_reads_a_few_small_documents(database):
                      for i in range(5000)]
         counts.BatchWriter(collection).write(documents)
         counts.Folder(collection).fold_once()
-        start, end = BASE - timedelta(days=30, seconds=-7, milliseconds=250), BASE - timedelta(seconds=13, milliseconds=500)
+        start, end = BASE - timedelta(days=30, seconds=-7, milliseconds=250), BASE - timedelta(seconds=37, milliseconds=500)
         del log.commands[:]
         answer = counts.count(collection, start, end)
         commands = list(log.commands)
@@ -404,6 +406,11 @@ def test_a_thirty_day_count_reads_a_few_small_documents(database):
     assert len(commands) <= 14, commands
     hour_documents = [name for _, name, _ in commands if re.fullmatch(r"status_counts_\d{8}", name or "")]
     assert hour_documents == []
+    # the millisecond detail of the end's second (23:59:22, which holds a message) from the
+    # collection of its six hours; a day's detail is kept in four
+    assert {name for _, name, _ in commands if "_ms" in (name or "")} == {"status_counts_20261212_ms18"}
+    assert {name for name in database.list_collection_names() if name.startswith("status_counts_20261212_ms")} == {
+        f"status_counts_20261212_ms{hour:02d}" for hour in (0, 6, 12, 18)}
 
 
 class FolderLosingLease(counts.Folder):
