@@ -86,8 +86,8 @@ Why every answer is exact once the batches in flight are acknowledged:
    in flight; and none claims a slot below one already claimed (the assumption: clocks
    agree to within a second).
 5. Rebuild. With no writer running (it waits out the last folder's lease), it marks the
-   layout "rebuilding" (readers, folders and server.py refuse), drops the log and every
-   aggregate, records every raw document once, folds them, and only then marks the layout
+   layout "rebuilding" (readers, folders and server.py refuse), drops the intents, the log and
+   every aggregate, records every raw document once, folds them, and only then marks the layout
    done: an interrupted rebuild stays refused until run again.
 Counts are never incremented in place, so no increment can be lost.
 """
@@ -683,14 +683,17 @@ def _unencodable(documents, codec_options):
 
 
 def _open_intents(intents, log, documents=None):
-    """Batch ids whose intent has no record yet, from `documents` (the intents, then the log) or read
-    now. The intents first: a batch whose record lands between the two reads shows closed, as it is;
-    one folded between them shows open, until the next read."""
+    """Batch ids whose intent has no record yet, from `documents` (the log, then the intents) or read
+    now. The log first: a round deletes a batch's intent before its record, and sends the second
+    delete once the first has ended, so an intent read after the log shows a batch not folded when
+    the log was read, whatever deletes a folder before may still land between the two reads (the
+    other way round, a batch folded between them would show open, and be recovered twice). A record
+    that lands between them shows its batch open for one read; a recovered record then meets it."""
     if documents is None:
-        documents = [*intents.find({}, {"_id": 1}), *log.find({}, {"_id": 1})]
+        documents = [*log.find({}, {"_id": 1}), *intents.find({}, {"_id": 1})]
     ids = [document["_id"] for document in documents]
-    intents = {_id[2:] for _id in ids if _id.startswith("i:")}
-    return intents - {_id[2:] for _id in ids if _id.startswith("c:")}
+    opened = {_id[2:] for _id in ids if _id.startswith("i:")}
+    return opened - {_id[2:] for _id in ids if _id.startswith("c:")}
 
 
 # -- the folder (one per database at a time) ---------------------------------------------
@@ -827,9 +830,8 @@ class Folder:
         return self._round(log)
 
     def _read_log(self):
-        """The intents, then the log: only this folder deletes from them, so none goes between the two
-        reads, and a record that lands between them closes its intent, as it does."""
-        return [*self._intents.find({}), *self._log.find({})]
+        """The log, then the intents, in that order (see _open_intents)."""
+        return [*self._log.find({}), *self._intents.find({})]
 
     def _check_layout(self):
         """True once the counts are known to be in LAYOUT; another layout is logged once and never folded into."""
@@ -1104,8 +1106,8 @@ class Folder:
         """Record what the raw documents showed for the interrupted batches still open in `log`;
         the set of batches handled. Only here, on the folding thread, holding the lease (its quiet
         time may still run), right after reading the log: a record folded and deleted since a read
-        began must not come back. A round deletes a batch's intent before its record, so a log
-        that shows the intent without the record shows a batch never folded."""
+        began must not come back. A round deletes a batch's intent before its record, so an intent
+        read after the log without its record there shows a batch not folded (_open_intents)."""
         with self._found_lock:
             found, self._found = self._found, {}
         if not found or not self._still_holds(quiet_or_not=True):
@@ -1289,7 +1291,7 @@ class _Snapshot:
         self._current, self._later = ([[] for _ in range(STATUSES)] for _ in range(2))
         for record in log:
             if not record["_id"].startswith("c:"):
-                continue  # the state, an intent, a lease
+                continue  # the state, a lease
             by_status = self._current if record["_id"] in in_round else self._later
             for times, more in zip(by_status, _decoded_record(self._log.full_name, record)):
                 times.extend(more)

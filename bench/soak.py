@@ -191,8 +191,10 @@ def main():
         # (A count of the raw collection would read all of it on FerretDB: minutes at millions.)
         # The management API's figures may be 5 s old: twice in a row, 6 s apart.
         log = database[f"{config.MONGO_COLLECTION}_counts_log"]
+        intents = database[f"{config.MONGO_COLLECTION}_counts_intents"]
         readings = []
-        wait_for(lambda: readings.append(queue_messages() == 0 and not log.count_documents({"_id": {"$regex": "^[ic]:"}}))
+        wait_for(lambda: readings.append(queue_messages() == 0 and not log.count_documents({"_id": {"$regex": "^c:"}})
+                                         and not intents.count_documents({}))
                  or readings[-2:] == [True, True], args.drain_timeout, "the queue drained and the counts folded", 6)
 
         end = datetime.now(timezone.utc)

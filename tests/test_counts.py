@@ -334,6 +334,58 @@ def test_a_late_finding_of_the_recovery_thread_is_not_recorded_twice(database):
     assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end) == [5, 5, 4, 4, 4, 4, 5]
 
 
+class ReadThenLand:
+    """A collection whose first whole read (find({})) is followed, once it has returned, by `land`:
+    writes of another process that reach the store between a folder's two reads."""
+
+    def __init__(self, collection, land):
+        self._collection, self._land = collection, land
+
+    def find(self, query=None, *args, **kwargs):
+        found = list(self._collection.find(query, *args, **kwargs))
+        if query == {} and self._land:
+            land, self._land = self._land, None
+            land()
+        return found
+
+    def __getattr__(self, name):
+        return getattr(self._collection, name)
+
+
+def test_a_folded_batch_is_not_recovered_again_when_late_deletes_land_between_the_two_reads(database):
+    """A folder that folded a batch may lose its lease while its deletes (the intent, then the
+    record) are still on their way, and they may land between the next folder's read of the log
+    and its read of the intents. A finding of that batch's recovery, handed in then, must not be
+    recorded again: the batch would be counted twice."""
+    collection = database["status"]
+    documents = [{"_id": f"m{index}", "status": index % 7, "timestamp": BASE + timedelta(seconds=index)}
+                 for index in range(21)]
+    counts.BatchWriter(collection).write(documents)
+    intent = database["status_counts_intents"].find_one()
+    record = database["status_counts_log"].find_one({"_id": {"$regex": "^c:"}})
+    batch = record["_id"][2:]
+    folder = counts.Folder(collection, recover_after=0)
+    wait_until(folder.fold_once, what="the round that folds the batch")
+    # as if that round's deletes had not landed yet: they land between the next round's two reads
+    database["status_counts_intents"].insert_one(intent)
+    database["status_counts_log"].insert_one(record)
+
+    def deletes_land():
+        database["status_counts_intents"].delete_one({"_id": intent["_id"]})
+        database["status_counts_log"].delete_one({"_id": record["_id"]})
+
+    # another batch, so that the next round is a new one: a record recovered beside it would be folded again later
+    counts.BatchWriter(collection).write([{"_id": f"later{status}", "status": status, "timestamp": BASE}
+                                          for status in range(7)])
+    folder._log = ReadThenLand(folder._log, deletes_land)
+    folder._intents = ReadThenLand(folder._intents, deletes_land)
+    folder._add_found({batch: sorted((counts.epoch_ms(d["timestamp"]), d["status"]) for d in documents)})
+    while folder.fold_once():
+        pass
+    start, end = BASE - timedelta(hours=1), BASE + timedelta(hours=1)
+    assert counts.count(collection, start, end) == counts.raw_counts(collection, start, end) == [4] * 7
+
+
 class CommandLog(monitoring.CommandListener):
     def __init__(self):
         self.commands = []
