@@ -53,6 +53,14 @@ def test_counts_every_status_in_a_half_open_range(app, client):
                                    "counts": counts((0, 1), (3, 2)), "total": 3}
 
 
+def test_other_query_parameters_are_ignored(app, client):
+    store(app, (4, utc(2026, 11, 27, 10)))
+    plain = client.get("/status-count?start=2026-11-27&end=2026-11-28")
+    extra = client.get("/status-count?_=1764500000000&start=2026-11-27&end=2026-11-28&step=1h&Start=x")
+    assert plain.status_code == extra.status_code == 200
+    assert plain.get_json() == extra.get_json() and extra.get_json()["counts"] == counts((4, 1))
+
+
 def test_offsets_are_honoured_and_naive_times_are_utc(app, client):
     store(app, (1, utc(2026, 11, 27, 10)), (2, utc(2026, 11, 27, 12)))
     answer = client.get("/status-count?start=2026-11-27T11:00:00%2B01:00&end=2026-11-27T07:00:01-05:00").get_json()
