@@ -645,7 +645,7 @@ class BatchWriter:
         """A duplicate was created by an earlier batch, whose record may still be missing:
         wait until every intent open now (but this batch's) is closed by its record."""
         with pymongo.timeout(self._timeout_seconds):
-            open_now = _open_intents(self._intents, self._log) - {batch}
+            open_now = _open_intents(_read_log(self._log, self._intents, {"_id": 1})) - {batch}
         started, logged = time.monotonic(), False
         while open_now:
             if time.monotonic() - started > WAIT_FOR_RECOVERY_SECONDS:
@@ -656,7 +656,7 @@ class BatchWriter:
                 logged = True
             time.sleep(self._wait_seconds)
             with pymongo.timeout(self._timeout_seconds):
-                open_now &= _open_intents(self._intents, self._log)
+                open_now &= _open_intents(_read_log(self._log, self._intents, {"_id": 1}))
         if logged:
             LOG.info("interrupted batches recovered after %.1fs", time.monotonic() - started)
 
@@ -682,15 +682,18 @@ def _unencodable(documents, codec_options):
     return refused
 
 
-def _open_intents(intents, log, documents=None):
-    """Batch ids whose intent has no record yet, from `documents` (the log, then the intents) or read
-    now. The log first: a round deletes a batch's intent before its record, and sends the second
-    delete once the first has ended, so an intent read after the log shows a batch not folded when
-    the log was read, whatever deletes a folder before may still land between the two reads (the
-    other way round, a batch folded between them would show open, and be recovered twice). A record
-    that lands between them shows its batch open for one read; a recovered record then meets it."""
-    if documents is None:
-        documents = [*log.find({}, {"_id": 1}), *intents.find({}, {"_id": 1})]
+def _read_log(log, intents, projection=None):
+    """The log, then the intents. The log first: a round deletes a batch's intent before its record,
+    and sends the second delete once the first has ended, so an intent read after the log shows a
+    batch not folded when the log was read, whatever deletes a folder before may still land between
+    the two reads (the other way round, a batch folded between them would show open, and be
+    recovered twice). A record that lands between them shows its batch open for one read; a
+    recovered record then meets it."""
+    return [*log.find({}, projection), *intents.find({}, projection)]
+
+
+def _open_intents(documents):
+    """Batch ids whose intent has no record yet, in `documents` read by _read_log."""
     ids = [document["_id"] for document in documents]
     opened = {_id[2:] for _id in ids if _id.startswith("i:")}
     return opened - {_id[2:] for _id in ids if _id.startswith("c:")}
@@ -812,14 +815,14 @@ class Folder:
         with pymongo.timeout(STEP_SECONDS):
             if not self._holds_lease() or not (self._layout_ok or self._check_layout()):
                 return False
-            log = self._read_log()
+            log = _read_log(self._log, self._intents)
         recorded = self._record_recovered(log)
         with self._found_lock:
             stale = [batch for batch in self._due_for_recovery(log) if batch not in recorded and batch not in self._found]
         if stale and not recover_beside:
             self._add_found(self._find_stamped(stale))
             with pymongo.timeout(STEP_SECONDS):  # the read may have taken minutes: what is open now
-                log = self._read_log()
+                log = _read_log(self._log, self._intents)
             self._record_recovered(log)
         elif stale and not (self._recovery and self._recovery.is_alive()):
             self._recovery = threading.Thread(target=self._find_stamped_beside, args=(stale,),
@@ -828,10 +831,6 @@ class Folder:
         if not self._still_holds():
             return False
         return self._round(log)
-
-    def _read_log(self):
-        """The log, then the intents, in that order (see _open_intents)."""
-        return [*self._log.find({}), *self._intents.find({})]
 
     def _check_layout(self):
         """True once the counts are known to be in LAYOUT; another layout is logged once and never folded into."""
@@ -1076,7 +1075,7 @@ class Folder:
         now = time.monotonic()
         owners = {record["_id"][2:]: record.get("owner") for record in log if record["_id"].startswith("i:")}
         named = {batch for record in log if record["_id"].startswith("i:") for batch in record.get("abandoned", ())}
-        open_now = _open_intents(self._intents, self._log, log)
+        open_now = _open_intents(log)
         self._open_since = {batch: self._open_since.get(batch, now) for batch in open_now}
         # Since when this folder knows the batch's writer gone or given up: remembered, as the
         # intent that names a batch given up is deleted once its own batch is folded.
@@ -1107,13 +1106,13 @@ class Folder:
         the set of batches handled. Only here, on the folding thread, holding the lease (its quiet
         time may still run), right after reading the log: a record folded and deleted since a read
         began must not come back. A round deletes a batch's intent before its record, so an intent
-        read after the log without its record there shows a batch not folded (_open_intents)."""
+        read after the log without its record there shows a batch not folded (_read_log)."""
         with self._found_lock:
             found, self._found = self._found, {}
         if not found or not self._still_holds(quiet_or_not=True):
             self._add_found(found)
             return set()
-        open_now = _open_intents(self._intents, self._log, log)
+        open_now = _open_intents(log)
         for batch, entries in found.items():
             if batch not in open_now:
                 continue  # its owner wrote the record after all, or it was recovered and folded
