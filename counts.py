@@ -689,7 +689,7 @@ def _read_log(log, intents, projection=None):
     the two reads (the other way round, a batch folded between them would show open, and be
     recovered twice). A record that lands between them shows its batch open for one read; a
     recovered record then meets it."""
-    return [*log.find({}, projection), *intents.find({}, projection)]
+    return [*log.find({}, projection, batch_size=LOG_BATCH), *intents.find({}, projection, batch_size=LOG_BATCH)]
 
 
 def _open_intents(documents):

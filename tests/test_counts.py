@@ -377,6 +377,7 @@ def test_a_folded_batch_is_not_recovered_again_when_late_deletes_land_between_th
     # another batch, so that the next round is a new one: a record recovered beside it would be folded again later
     counts.BatchWriter(collection).write([{"_id": f"later{status}", "status": status, "timestamp": BASE}
                                           for status in range(7)])
+    # both: the deletes land after whichever of the two is read first, so the test fails for either wrong order
     folder._log = ReadThenLand(folder._log, deletes_land)
     folder._intents = ReadThenLand(folder._intents, deletes_land)
     folder._add_found({batch: sorted((counts.epoch_ms(d["timestamp"]), d["status"]) for d in documents)})
