@@ -124,6 +124,7 @@ class AmqpPublisher:
         self._down_since = None
         self._delay = 1.0
         self.published = self.confirmed = self.refused = 0
+        self.login_refused = False
 
     @property
     def unconfirmed(self):
@@ -135,7 +136,7 @@ class AmqpPublisher:
                 self._parameters, on_open_callback=self._on_connection_open,
                 on_open_error_callback=self._on_connection_open_error, on_close_callback=self._on_connection_closed)
             self._connection.ioloop.start()
-            if self._finished():
+            if self._finished() or self.login_refused:
                 return
             if self._stopping:
                 LOG.error("stopped while RabbitMQ is unreachable: %d messages unconfirmed", self.unconfirmed)
@@ -176,8 +177,9 @@ class AmqpPublisher:
     def _on_connection_open_error(self, connection, error):
         if isinstance(error, (ProbableAuthenticationError, ProbableAccessDeniedError)):
             LOG.error("RabbitMQ refused the credentials in RABBITMQ_URL: %s", error)
-            self._remaining, self._give_up_seconds = 0, -1
-        self._went_down(f"cannot connect to RabbitMQ ({error!r})")
+            self.login_refused = True  # retrying cannot help: stop, and exit 1
+        else:
+            self._went_down(f"cannot connect to RabbitMQ ({error!r})")
         connection.ioloop.stop()
 
     def _on_connection_closed(self, connection, reason):
@@ -337,6 +339,7 @@ class MqttPublisher:
         self._down_since = None
         self._stopping = False
         self.published = self.confirmed = self.refused = 0
+        self.login_refused = False
 
     @property
     def unconfirmed(self):
@@ -384,12 +387,17 @@ class MqttPublisher:
             time.sleep(0.005)
 
     def _gave_up(self):
-        return self._down_since is not None and time.monotonic() - self._down_since > self._give_up_seconds
+        return self.login_refused or (self._down_since is not None
+                                      and time.monotonic() - self._down_since > self._give_up_seconds)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
             LOG.error("MQTT broker refused the connection: %s (check MQTT_USERNAME/MQTT_PASSWORD)", reason_code)
             self._down_since = self._down_since or time.monotonic()
+            # CONNACK 4 and 5 of MQTT 3.1.1: retrying with the same credentials cannot help.
+            self.login_refused = reason_code in ("Bad user name or password", "Not authorized")
+            if self.login_refused:
+                client.disconnect()  # no reconnecting
             return
         if self._down_since is not None:
             LOG.info("connected to MQTT again after %.1fs", time.monotonic() - self._down_since)
@@ -476,7 +484,7 @@ def main(argv=None):
     LOG.info("done: %d published, %d confirmed, %d refused, %d unconfirmed in %.1fs (%.0f/s)",
              publisher.published, publisher.confirmed, publisher.refused, publisher.unconfirmed,
              elapsed, publisher.confirmed / elapsed if elapsed else 0)
-    return 0 if publisher.refused == 0 and publisher.unconfirmed == 0 else 1
+    return 0 if publisher.refused == 0 and publisher.unconfirmed == 0 and not publisher.login_refused else 1
 
 
 if __name__ == "__main__":
