@@ -9,22 +9,106 @@ time with one line naming the variable, before any connection is tried.
 import math
 import os
 import sys
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 
 def _fail(name, value, expected):
     sys.exit(f"config error: {name}={value!r} is not {expected}")
 
 
-def _url(name, default, schemes):
+# Query options whose values a URL shown in an error may keep: pika's URL parameters and MongoDB's
+# connection string options that never hold a secret. Every other option's value is shown as ***.
+_SHOWN_OPTIONS = frozenset(option.lower() for option in (
+    "heartbeat", "connection_attempts", "retry_delay", "socket_timeout", "stack_timeout",
+    "blocked_connection_timeout", "channel_max", "frame_max", "locale",
+    "replicaSet", "tls", "ssl", "authSource", "authMechanism", "directConnection", "readPreference", "w",
+    "journal", "wTimeoutMS", "retryWrites", "retryReads", "appName", "compressors", "serverSelectionTimeoutMS",
+    "connectTimeoutMS", "socketTimeoutMS", "timeoutMS", "maxPoolSize", "minPoolSize", "loadBalanced"))
+
+
+def _redacted(url):
+    """(`url` as it may be shown, [what it hides, as written and percent-decoded])."""
+    hidden = []
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        scheme, rest = "", url
+    # Everything up to the last @ is user information, whatever it holds: a password may hold an
+    # unescaped @, /, ? or #, and a mistyped scheme (amqp:/) leaves no "://" to start from.
+    userinfo, at, rest = rest.rpartition("@")
+    if at and ":" in userinfo:
+        user, _, password = userinfo.partition(":")
+        hidden.append(password)
+        userinfo = f"{user}:***"
+    path, question, query = rest.partition("?")
+    if question:
+        pairs = []
+        for pair in query.replace(";", "&").split("&"):
+            option, equals, value = pair.partition("=")
+            if equals and unquote(option).lower() not in _SHOWN_OPTIONS:
+                hidden.append(value)
+                value = "***"
+            pairs.append(f"{option}{equals}{value}")
+        query = "&".join(pairs)
+    hidden = [text for value in hidden for text in {value, unquote(value)} if text]
+    return f"{scheme}{separator}{userinfo}{at}{path}{question}{query}", hidden
+
+
+def redact(url):
+    """`url` with its password, and the value of every query option that may hold a secret (any but
+    _SHOWN_OPTIONS), as ***: what a log line or an error may show of it (amqp://pipeline:***@host/)."""
+    return _redacted(url)[0]
+
+
+def _url(name, default, schemes, check=None):
+    """A URL of one of `schemes` that `check(value)`, if given, accepts (it raises whatever its
+    library raises). Errors show the URL redacted, and the library's message without what it hides."""
     value = os.environ.get(name, default)
-    parts = urlsplit(value)
-    if parts.scheme not in schemes or not parts.hostname:
-        _fail(name, value, f"a URL of the form {schemes[0]}://host[:port]/...")
+    shown, hidden = _redacted(value)
     try:
-        parts.port
+        parts = urlsplit(value)
+        if parts.scheme not in schemes or not parts.hostname:
+            _fail(name, shown, f"a URL of the form {schemes[0]}://host[:port]/...")
+        if "," not in parts.netloc:  # several hosts (a MongoDB replica set): `check` reads their ports
+            parts.port
     except ValueError:
-        _fail(name, value, "a URL with a numeric port")
+        _fail(name, shown, f"a URL of the form {schemes[0]}://host[:port]/... with a numeric port")
+    if check:
+        try:
+            check(value)
+        except Exception as error:  # pika raises ValueError, TypeError or SyntaxError, pymongo its own
+            reason = f"{error.__class__.__name__}: {error}"
+            for text in sorted(hidden, key=len, reverse=True):
+                reason = reason.replace(text, "***")
+            _fail(name, shown, f"a URL {check.__doc__} ({reason})")
+    return value
+
+
+def _amqp_url(value):
+    """pika accepts"""
+    import pika  # here: api.py, which needs no AMQP, imports this module too
+
+    pika.URLParameters(value)
+
+
+def _mongodb_uri(value):
+    """pymongo accepts"""
+    if value.startswith("mongodb+srv://"):
+        return  # parsing one resolves DNS: MongoClient says what is wrong, when it connects
+    from pymongo import uri_parser
+
+    uri_parser.parse_uri(value)
+
+
+def _bearer_token(name):
+    """None when unset or empty; else a token that RFC 6750's b64token grammar allows (what a client
+    may send after "Bearer "), at least 16 characters long before any trailing =. An error never shows it."""
+    value = os.environ.get(name, "")
+    if not value:
+        return None
+    allowed = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/")
+    if len(value.rstrip("=")) < 16 or not set(value.rstrip("=")) <= allowed:
+        _fail(name, "***", "a bearer token of at least 16 characters, of letters, digits and -._~+/ "
+                           "(RFC 6750), = at the end only; e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'")
     return value
 
 
@@ -77,8 +161,8 @@ def _name(name, default):
     return value
 
 
-RABBITMQ_URL = _url("RABBITMQ_URL", "amqp://guest:guest@localhost:5672/%2F", ("amqp", "amqps"))
-MONGO_URI = _url("MONGO_URI", "mongodb://localhost:27017/", ("mongodb", "mongodb+srv"))
+RABBITMQ_URL = _url("RABBITMQ_URL", "amqp://guest:guest@localhost:5672/%2F", ("amqp", "amqps"), _amqp_url)
+MONGO_URI = _url("MONGO_URI", "mongodb://localhost:27017/", ("mongodb", "mongodb+srv"), _mongodb_uri)
 MONGO_DB = _name("MONGO_DB", "iot")
 MONGO_COLLECTION = _name("MONGO_COLLECTION", "status")
 EXCHANGE = _name("EXCHANGE", "status_exchange")
@@ -97,6 +181,8 @@ MONGO_STARTUP_TIMEOUT_SECONDS = _seconds("MONGO_STARTUP_TIMEOUT_SECONDS", 600, 8
 MONGO_OUTAGE_EXIT_SECONDS = _seconds("MONGO_OUTAGE_EXIT_SECONDS", 300, 86400)
 API_HOST = _name("API_HOST", "127.0.0.1")
 API_PORT = _whole_number("API_PORT", 5000, 65535, "a port number")
+# Set: every request but /health and the dashboard's page and scripts needs "Authorization: Bearer <it>".
+API_TOKEN = _bearer_token("API_TOKEN")
 # server.py's Prometheus metrics, served by its first process for all of them; 0: not served.
 # Next to API_PORT: 9100, the first of Prometheus' exporter ports, is node_exporter's on many hosts.
 METRICS_HOST = _name("METRICS_HOST", "127.0.0.1")
