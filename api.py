@@ -8,8 +8,10 @@
     curl 'localhost:5000/openapi.json' # the OpenAPI 3.1 document of every route: openapi.json
 """
 
-import importlib.metadata
 import argparse
+import hashlib
+import hmac
+import importlib.metadata
 import logging
 import sys
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pymongo
 from flask import Flask, g, jsonify, render_template, request, send_file
+from flask_httpauth import HTTPTokenAuth
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from pymongo.errors import DuplicateKeyError, PyMongoError
@@ -28,6 +31,14 @@ import counts
 from messages import GRAMMAR, STATUSES, parse_time
 
 MAX_PARAMETER_LENGTH = 64
+# Longer query strings are answered 414 before anything reads them; a whole request line and its
+# headers over 256 KiB get waitress's own 431.
+MAX_QUERY_BYTES = 4096
+# Served without the token when API_TOKEN is set: /health, for a load balancer, and the dashboard's
+# page and scripts, which hold no data and which a browser must load before the page can ask for it;
+# so are the 404 and 405 of a path or method no route has.
+PUBLIC_ENDPOINTS = {"health", "dashboard", "plotly_js", "static"}
+TOKEN_REALM = "status API"
 HEALTH_TIMEOUT_SECONDS = 2
 COUNT_TIMEOUT_SECONDS = 10
 STEPS = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "6h": 21600, "1d": 86400}  # each divides a day
@@ -53,9 +64,10 @@ def create_app(test_config=None):
     app = Flask(__name__)
     app.json.sort_keys = False
     app.config.from_mapping(MONGO_URI=config.MONGO_URI, MONGO_DB=config.MONGO_DB,
-                            MONGO_COLLECTION=config.MONGO_COLLECTION)
+                            MONGO_COLLECTION=config.MONGO_COLLECTION, API_TOKEN=config.API_TOKEN)
     if test_config:
         app.config.from_mapping(test_config)
+    token_auth = _token_auth(app.config["API_TOKEN"])
     # One client per process; a short selection timeout turns an outage into a quick 503.
     # MONGO_CLIENT_OPTIONS: more MongoClient options, such as event listeners.
     mongo = pymongo.MongoClient(app.config["MONGO_URI"], tz_aware=True, serverSelectionTimeoutMS=2000,
@@ -75,6 +87,20 @@ def create_app(test_config=None):
     @app.before_request
     def start_timer():
         g.started = time.perf_counter()
+
+    @app.before_request
+    def limit_and_authenticate():
+        """A long query string, or a request without the token (when API_TOKEN is set), is
+        answered here: the view never runs."""
+        if len(request.query_string) > MAX_QUERY_BYTES:
+            longest = max(request.query_string.split(b"&"), key=len)
+            name = longest.partition(b"=")[0][:SHOWN_STEP_LENGTH].decode("utf-8", "replace")
+            return jsonify(error=f"the query string is {len(request.query_string)} bytes long, and at most "
+                                 f"{MAX_QUERY_BYTES} are read: parameter {name!r} alone is {len(longest)}"), 414
+        # A path or method that no route has answers 404 or 405 as without a token: no data,
+        # and openapi.json names every route anyway.
+        if token_auth and request.endpoint not in PUBLIC_ENDPOINTS and request.routing_exception is None:
+            return token_auth.login_required(lambda: None)()  # None when the token is right
 
     @app.after_request
     def count_request(response):
@@ -180,6 +206,36 @@ def create_app(test_config=None):
     return app
 
 
+def _token_auth(token):
+    """Flask-HTTPAuth's bearer scheme (RFC 6750) accepting `token` alone, or None when it is None.
+    A refusal is 401 with a JSON error and `WWW-Authenticate: Bearer`, whose `error="invalid_token"`
+    tells a wrong token from a missing one (RFC 6750, section 3.1)."""
+    if token is None:
+        return None
+    auth = HTTPTokenAuth(scheme="Bearer", realm=TOKEN_REALM)
+    expected = hashlib.sha256(token.encode()).digest()
+
+    @auth.verify_token
+    def verify(presented):
+        # Digests compared in constant time: how long a refusal takes tells neither how much of a
+        # guess was right nor how long the token is.
+        digest = hashlib.sha256((presented or "").encode("utf-8", "surrogatepass")).digest()
+        return hmac.compare_digest(digest, expected)
+
+    @auth.error_handler
+    def refuse(status):
+        if auth.get_auth() is None:
+            response = jsonify(error="this API needs a token: send the header 'Authorization: Bearer <API_TOKEN>'")
+            challenge = f'Bearer realm="{TOKEN_REALM}"'
+        else:
+            response = jsonify(error="the bearer token is not this API's")
+            challenge = f'Bearer realm="{TOKEN_REALM}", error="invalid_token"'
+        response.headers["WWW-Authenticate"] = challenge
+        return response, status
+
+    return auth
+
+
 class _CountsCollector:
     """The counts' own figures, read when /metrics is asked (prometheus_client's custom collector);
     process-wide, so shared by every app of the process."""
@@ -229,7 +285,7 @@ def main():
     from waitress import serve
 
     argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                            epilog="Settings come from the environment: API_HOST, API_PORT, MONGO_URI, "
+                            epilog="Settings come from the environment: API_HOST, API_PORT, API_TOKEN, MONGO_URI, "
                                    "MONGO_DB, MONGO_COLLECTION (README, Configuration).").parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app()

@@ -11,7 +11,12 @@ const PRESETS = {"15m": [900, "1m"], "1h": [3600, "1m"], "24h": [86400, "15m"], 
 // Okabe and Ito's colours, which stay apart with the common colour-vision deficiencies.
 const COLOURS = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442"];
 
+// With API_TOKEN set the API answers 401 without it: the page asks for it and keeps it in
+// sessionStorage, so it is sent by this tab only and forgotten when the tab closes.
+const TOKEN_KEY = "status-api-token";
+
 class Problem extends Error {}
+class NeedsToken extends Problem {}
 
 const $ = (id) => document.getElementById(id);
 const chart = $("chart");
@@ -47,9 +52,17 @@ async function getJson(path, params) {
   const controller = new AbortController();
   const timeout = setTimeout(() => controller.abort(), REQUEST_TIMEOUT_MS);
   try {
-    const response = await fetch(`${path}?${new URLSearchParams(params)}`, {signal: controller.signal, cache: "no-store"});
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    const headers = token ? {Authorization: `Bearer ${token}`} : {};
+    const response = await fetch(`${path}?${new URLSearchParams(params)}`, {signal: controller.signal, cache: "no-store", headers});
     const body = await response.json().catch(() => ({}));
     if (response.ok) return body;
+    if (response.status === 401) {
+      // Only the token this request sent: one entered while it was on its way stays.
+      if (sessionStorage.getItem(TOKEN_KEY) === token) sessionStorage.removeItem(TOKEN_KEY);
+      throw new NeedsToken(token ? "The API refused that token; enter the API's token (API_TOKEN)."
+                                 : "This API needs a token; enter it (API_TOKEN).");
+    }
     const said = `HTTP ${response.status}${body.error ? ": " + body.error : ""}`;
     throw new Problem(response.status === 503 ? `The database is not answering (${said}).`
                                               : `The API refused the request (${said}).`);
@@ -73,15 +86,22 @@ async function refresh() {
       getJson("status-series", {...bounds, step}), getJson("status-count", bounds)]);
     if (mine !== generation) return;
     draw(series, totals);
+    $("token-form").hidden = true;  // answered: with this token, or by an API that no longer asks for one
     showProblem(null);
   } catch (error) {
     if (mine !== generation) return;
+    if (error instanceof NeedsToken) {  // no retry until a token is given
+      $("token-form").hidden = false;
+      $("token").focus();
+      showProblem(error.message, false);
+      return;
+    }
     if (!(error instanceof Problem)) console.error(error);
     showProblem(error instanceof Problem ? error.message : `The page failed: ${error}.`);
   } finally {
     if (mine === generation) {
       chart.setAttribute("aria-busy", "false");
-      if (!paused) timer = setTimeout(refresh, REFRESH_MS);
+      if (!paused && $("token-form").hidden) timer = setTimeout(refresh, REFRESH_MS);
     }
   }
 }
@@ -132,11 +152,11 @@ function describe() {
   $("shown").textContent = `${shown}\nupdated at ${updatedAt}${paused ? ", paused" : ""}`;
 }
 
-function showProblem(text) {
+function showProblem(text, retrying = true) {
   const message = $("message");
   message.hidden = !text;
   if (!text) return document.body.classList.remove("stale");
-  const retry = paused ? "" : ` Trying again every ${REFRESH_MS / 1000} s.`;
+  const retry = paused || !retrying ? "" : ` Trying again every ${REFRESH_MS / 1000} s.`;
   message.textContent = text + retry + (updatedAt ? ` The figures below are from ${updatedAt} UTC.` : "");
   document.body.classList.toggle("stale", updatedAt !== null);
 }
@@ -149,6 +169,18 @@ $("range").addEventListener("change", () => {
     $("custom-start").value = inputValue(chart.dataset.start ? Date.parse(chart.dataset.start) : end - 3600000);
     $("custom-end").value = inputValue(end);
   }
+  refresh();
+});
+$("token-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const token = $("token").value.trim();
+  if (!/^[A-Za-z0-9._~+\/-]+=*$/.test(token)) {  // RFC 6750's b64token, as API_TOKEN must be
+    showProblem("That is not a token: API_TOKEN holds letters, digits and -._~+/ only, = at the end.", false);
+    return;
+  }
+  sessionStorage.setItem(TOKEN_KEY, token);
+  $("token").value = "";
+  $("token-form").hidden = true;
   refresh();
 });
 $("custom-start").addEventListener("change", refresh);

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select
 
 from api import STEPS, create_app
@@ -56,11 +57,12 @@ def browser():
 class Site:
     """api.py's app over a database of its own (through `mongo_uri`), served over HTTP."""
 
-    def __init__(self, mongo, mongo_uri):
+    def __init__(self, mongo, mongo_uri, api_token=None):
         self.database = f"test_dashboard_{uuid.uuid4().hex[:10]}"
         self.app = create_app({"TESTING": True, "MONGO_URI": mongo_uri, "MONGO_DB": self.database,
-                               "MONGO_COLLECTION": "status"})
+                               "MONGO_COLLECTION": "status", "API_TOKEN": api_token})
         self.collection = mongo[self.database]["status"]
+        self.headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
         self.server = LiveServer(self.app)
         self.rows = []
 
@@ -72,7 +74,8 @@ class Site:
         self.rows += rows
 
     def get(self, path):
-        with urllib.request.urlopen(self.server.url + path, timeout=30) as response:
+        with urllib.request.urlopen(urllib.request.Request(self.server.url + path, headers=self.headers),
+                                    timeout=30) as response:
             return response.status, response.headers.get_content_type(), response.read()
 
     def get_json(self, path):
@@ -88,8 +91,8 @@ class Site:
 def site_for(mongo):
     sites = []
 
-    def make(mongo_uri=MONGO_URI):
-        sites.append(Site(mongo, mongo_uri))
+    def make(mongo_uri=MONGO_URI, api_token=None):
+        sites.append(Site(mongo, mongo_uri, api_token))
         return sites[-1]
 
     yield make
@@ -317,3 +320,27 @@ def test_an_api_that_stops_answering_is_a_message_that_clears_when_it_is_back(br
     state = settled(browser, lambda state: state["message"] is None and state["refreshes"] > before["refreshes"],
                     timeout=4 * REFRESH_SECONDS, what="the message to clear")
     assert_shows(site, state)
+
+
+def test_with_api_token_the_page_asks_for_it_and_keeps_it_for_this_tab_only(browser, site_for):
+    token = "dashboard-" + uuid.uuid4().hex
+    site = site_for(api_token=token)
+    site.store((2, now() - timedelta(minutes=1)))
+    browser.get(site.server.url)
+    state = message_shown(browser, 4 * REFRESH_SECONDS, "the page to ask for the token")
+    assert state["message"] == "This API needs a token; enter it (API_TOKEN)." and state["traces"] == []
+    form = browser.find_element(By.ID, "token-form")
+    assert form.is_displayed()
+
+    browser.find_element(By.ID, "token").send_keys(token[:-1] + "x", Keys.ENTER)  # off by the last character
+    wait_until(lambda: "refused that token" in (page(browser)["message"] or ""), 4 * REFRESH_SECONDS,
+               "the page to say the token was refused")
+    assert form.is_displayed() and browser.execute_script("return sessionStorage.length") == 0
+
+    browser.find_element(By.ID, "token").send_keys(token, Keys.ENTER)
+    state = settled(browser, lambda state: state["total"] == 1 and state["message"] is None)
+    assert_shows(site, state)
+    assert not form.is_displayed()
+    assert browser.execute_script("return Object.values(sessionStorage)") == [token]
+    assert browser.execute_script("return localStorage.length") == 0  # nothing outlives the tab
+    browser.execute_script("sessionStorage.clear()")
