@@ -315,6 +315,28 @@ def mqtt_open_pipeline(mongo, mqtt_open_vhost, tmp_path):
 
 
 @pytest.fixture
+def fresh_app(mongo):
+    """make(**settings): create_app() over a database of its own, dropped afterwards (flaskr's
+    fresh database per test), with `settings` over the test ones; `app.collection` is its raw collection."""
+    from api import create_app
+
+    apps = []
+
+    def make(**settings):
+        database = f"test_api_{uuid.uuid4().hex[:10]}"
+        app = create_app({"TESTING": True, "MONGO_URI": MONGO_URI, "MONGO_DB": database, "MONGO_COLLECTION": "status",
+                          **settings})
+        app.collection = mongo[database]["status"]
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["mongo"].close()
+        mongo.drop_database(app.config["MONGO_DB"])
+
+
+@pytest.fixture
 def app_for():
     """create_app() over the database of a pipeline."""
     apps = []

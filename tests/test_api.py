@@ -1,6 +1,5 @@
 """GET /status-count, /status-series and /health over a fresh real database per test."""
 
-import uuid
 from datetime import datetime, timezone
 
 import pytest
@@ -8,17 +7,11 @@ import pytest
 import counts as counts_module
 from counts import BatchWriter, Folder
 from api import create_app
-from conftest import MONGO_URI
 
 
 @pytest.fixture
-def app(mongo):
-    database = f"test_api_{uuid.uuid4().hex[:10]}"
-    app = create_app({"TESTING": True, "MONGO_URI": MONGO_URI, "MONGO_DB": database, "MONGO_COLLECTION": "status"})
-    app.collection = mongo[database]["status"]
-    yield app
-    app.extensions["mongo"].close()
-    mongo.drop_database(database)
+def app(fresh_app):
+    return fresh_app()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 import pytest
 
 import config
-from api import MAX_QUERY_BYTES, create_app
+from api import MAX_QUERY_BYTES
 from conftest import MONGO_URI, RABBITMQ_URL, ROOT, free_port, wait_until
 from counts import BatchWriter, Folder
 
@@ -25,17 +25,12 @@ SECRET = "Pw-0f-th3-t3st5"  # the password put in every URL below: it must never
 
 
 @pytest.fixture
-def app(mongo):
-    database = f"test_security_{uuid.uuid4().hex[:10]}"
-    app = create_app({"TESTING": True, "MONGO_URI": MONGO_URI, "MONGO_DB": database, "MONGO_COLLECTION": "status",
-                      "API_TOKEN": TOKEN})
-    collection = mongo[database]["status"]
+def app(fresh_app):
+    app = fresh_app(API_TOKEN=TOKEN)
     moment = datetime(2026, 11, 27, 10, tzinfo=timezone.utc)
-    BatchWriter(collection).write([{"status": 4, "timestamp": moment, "received_at": moment}])
-    Folder(collection).fold_once()
-    yield app
-    app.extensions["mongo"].close()
-    mongo.drop_database(database)
+    BatchWriter(app.collection).write([{"status": 4, "timestamp": moment, "received_at": moment}])
+    Folder(app.collection).fold_once()
+    return app
 
 
 @pytest.fixture
@@ -86,14 +81,10 @@ def test_a_path_or_method_no_route_has_is_404_or_405_without_the_token(client):
     assert client.post("/health").status_code == 405 and client.post(COUNT).status_code == 405
 
 
-def test_without_api_token_no_token_is_asked(mongo):
-    app = create_app({"TESTING": True, "MONGO_URI": MONGO_URI, "MONGO_DB": f"test_security_{uuid.uuid4().hex[:10]}",
-                      "MONGO_COLLECTION": "status", "API_TOKEN": None})
-    try:
-        assert app.test_client().get(COUNT).status_code == 200
-        assert app.test_client().get(COUNT, headers={"Authorization": "Bearer anything"}).status_code == 200
-    finally:
-        app.extensions["mongo"].close()
+def test_without_api_token_no_token_is_asked(fresh_app):
+    client = fresh_app(API_TOKEN=None).test_client()
+    assert client.get(COUNT).status_code == 200
+    assert client.get(COUNT, headers={"Authorization": "Bearer anything"}).status_code == 200
 
 
 @pytest.mark.parametrize("extra_bytes", [MAX_QUERY_BYTES, 20_000, 200_000])
