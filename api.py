@@ -23,7 +23,7 @@ from flask import Flask, g, jsonify, render_template, request, send_file
 from flask_httpauth import HTTPTokenAuth
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import ConfigurationError, DuplicateKeyError, OperationFailure, PyMongoError
 from werkzeug.exceptions import HTTPException
 
 import config
@@ -39,6 +39,7 @@ MAX_QUERY_BYTES = 4096
 # so are the 404 and 405 of a path or method no route has.
 PUBLIC_ENDPOINTS = {"health", "dashboard", "plotly_js", "static"}
 TOKEN_REALM = "status API"
+AUTHENTICATION_FAILED = 18  # MongoDB's error code for a refused login
 HEALTH_TIMEOUT_SECONDS = 2
 COUNT_TIMEOUT_SECONDS = 10
 STEPS = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "6h": 21600, "1d": 86400}  # each divides a day
@@ -96,7 +97,7 @@ def create_app(test_config=None):
             longest = max(request.query_string.split(b"&"), key=len)
             name = longest.partition(b"=")[0][:SHOWN_STEP_LENGTH].decode("utf-8", "replace")
             return jsonify(error=f"the query string is {len(request.query_string)} bytes long, and at most "
-                                 f"{MAX_QUERY_BYTES} are read: parameter {name!r} alone is {len(longest)}"), 414
+                                 f"{MAX_QUERY_BYTES} are read (its longest parameter, {name!r}, is {len(longest)})"), 414
         # A path or method that no route has answers 404 or 405 as without a token: no data,
         # and openapi.json names every route anyway.
         if token_auth and request.endpoint not in PUBLIC_ENDPOINTS and request.routing_exception is None:
@@ -163,6 +164,10 @@ def create_app(test_config=None):
         try:
             with pymongo.timeout(HEALTH_TIMEOUT_SECONDS):
                 database.command("ping")
+        except OperationFailure as error:
+            if error.code == AUTHENTICATION_FAILED:
+                return _unhealthy("MongoDB refused the credentials in MONGO_URI")
+            return _unhealthy(f"MongoDB does not answer: {error.__class__.__name__}")
         except PyMongoError as error:
             return _unhealthy(f"MongoDB does not answer: {error.__class__.__name__}")
         try:
@@ -224,7 +229,8 @@ def _token_auth(token):
 
     @auth.error_handler
     def refuse(status):
-        if auth.get_auth() is None:
+        scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():  # none, another scheme, or "Bearer" alone
             response = jsonify(error="this API needs a token: send the header 'Authorization: Bearer <API_TOKEN>'")
             challenge = f'Bearer realm="{TOKEN_REALM}"'
         else:
@@ -288,12 +294,23 @@ def main():
                             epilog="Settings come from the environment: API_HOST, API_PORT, API_TOKEN, MONGO_URI, "
                                    "MONGO_DB, MONGO_COLLECTION (README, Configuration).").parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = create_app()
+    log = logging.getLogger("api")
+    try:
+        app = create_app()
+    except ConfigurationError as error:  # a mongodb+srv:// name that does not resolve, for one
+        log.error("MONGO_URI %s: %s", config.redact(config.MONGO_URI), error)
+        return 1
+    if config.API_TOKEN:
+        log.info("API_TOKEN is set: every request but /health and the dashboard's page needs its bearer token")
+    elif config.API_HOST in ("127.0.0.1", "localhost", "::1"):
+        log.info("API_TOKEN is not set: anyone on this machine may read the counts")
+    else:
+        log.warning("API_TOKEN is not set and API_HOST is %s: anyone who reaches port %d may read the counts",
+                    config.API_HOST, config.API_PORT)
     try:
         serve(app, host=config.API_HOST, port=config.API_PORT)  # waitress logs "Serving on ..." once bound
     except OSError as error:  # the port is taken, or the address is not this machine's
-        logging.getLogger("api").error("cannot serve on %s:%d (API_HOST, API_PORT): %s",
-                                       config.API_HOST, config.API_PORT, error)
+        log.error("cannot serve on %s:%d (API_HOST, API_PORT): %s", config.API_HOST, config.API_PORT, error)
         return 1
     return 0
 

@@ -71,7 +71,9 @@ def _url(name, default, schemes, check=None):
         if "," not in parts.netloc:  # several hosts (a MongoDB replica set): `check` reads their ports
             parts.port
     except ValueError:
-        _fail(name, shown, f"a URL of the form {schemes[0]}://host[:port]/... with a numeric port")
+        hint = (" (in a password, write / ? # @ : as %2F %3F %23 %40 %3A: urllib.parse.quote(password, safe=''))"
+                if hidden else "")
+        _fail(name, shown, f"a URL of the form {schemes[0]}://host[:port]/... with a numeric port{hint}")
     if check:
         try:
             check(value)
@@ -108,7 +110,7 @@ def _bearer_token(name):
     allowed = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/")
     if len(value.rstrip("=")) < 16 or not set(value.rstrip("=")) <= allowed:
         _fail(name, "***", "a bearer token of at least 16 characters, of letters, digits and -._~+/ "
-                           "(RFC 6750), = at the end only; e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+                           "(RFC 6750), = at the end only; e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
     return value
 
 
@@ -154,17 +156,20 @@ def _usable_cores():
     return max(1, min(cores, math.ceil(int(quota) / int(period))))
 
 
-def _name(name, default):
+def _name(name, default, forbidden="", most=120):
     value = os.environ.get(name, default)
-    if not value or len(value) > 120 or not value.isprintable() or " " in value:
-        _fail(name, value, "a non-empty name without spaces")
+    if not value or len(value) > most or not value.isprintable() or " " in value or set(value) & set(forbidden):
+        _fail(name, value, f"a non-empty name of at most {most} characters, without spaces"
+                           + (f" or any of {forbidden}" if forbidden else ""))
     return value
 
 
 RABBITMQ_URL = _url("RABBITMQ_URL", "amqp://guest:guest@localhost:5672/%2F", ("amqp", "amqps"), _amqp_url)
 MONGO_URI = _url("MONGO_URI", "mongodb://localhost:27017/", ("mongodb", "mongodb+srv"), _mongodb_uri)
-MONGO_DB = _name("MONGO_DB", "iot")
-MONGO_COLLECTION = _name("MONGO_COLLECTION", "status")
+# MongoDB's own rules for names ("Naming Restrictions"): a database name has at most 64 characters
+# and none of /\. "$; a collection name no $ (and the counts add at most 20 characters to it).
+MONGO_DB = _name("MONGO_DB", "iot", forbidden='/\\."$', most=63)
+MONGO_COLLECTION = _name("MONGO_COLLECTION", "status", forbidden="$", most=100)
 EXCHANGE = _name("EXCHANGE", "status_exchange")
 ROUTING_KEY = _name("ROUTING_KEY", "status_topic")
 QUEUE = _name("QUEUE", "status_queue")

@@ -34,7 +34,7 @@ import pymongo
 from pika.adapters.utils import io_services_utils
 from pika.exceptions import (AMQPConnectionError, ChannelClosedByBroker, ConnectionBlockedTimeout, ConnectionClosedByBroker,
                              ProbableAuthenticationError)
-from pymongo.errors import OperationFailure, PyMongoError
+from pymongo.errors import ConfigurationError, OperationFailure, PyMongoError
 
 import config
 import counts
@@ -77,7 +77,7 @@ PREFETCH = 10 * BATCH_SIZE
 # message by a quarter when draining a backlog (bench/ingest.py); larger ones save less, since
 # pika copies what is left of its buffer after every frame it decodes.
 RECV_BYTES = 16384
-NAMESPACE_NOT_FOUND, INDEX_NOT_FOUND = 26, 27
+NAMESPACE_NOT_FOUND, INDEX_NOT_FOUND, AUTHENTICATION_FAILED = 26, 27, 18
 SHUTDOWN_SECONDS = 5
 # The `reason` label of the dead-letter metric: the rule a message broke, never the reason's text.
 DEAD_LETTER_KINDS = INVALID_KINDS + ("unroutable", "store_refused", "server_error")
@@ -162,6 +162,7 @@ class StatusServer:
                                                 timeout_seconds=config.MONGO_WRITE_TIMEOUT_SECONDS)
         self._stopping = False
         self._down_since = None  # when RabbitMQ went away, to log the outage once
+        self._ever_connected = False
         self._connection = None
         self._channel = None
         self._cancelled_by_broker = False
@@ -206,13 +207,14 @@ class StatusServer:
             except ConnectionBlockedTimeout:
                 self._went_down(f"RabbitMQ blocked the connection for more than {config.RABBITMQ_BLOCKED_SECONDS:g}s "
                                 "(a memory or disk alarm)")
-            except (ConnectionClosedByBroker, AMQPConnectionError, ConnectionError) as error:
+            except (ConnectionClosedByBroker, AMQPConnectionError, OSError) as error:  # OSError: a name that does not resolve
                 if self._stopping:
                     break
                 if getattr(error, "reply_code", None) == INTERNAL_ERROR:
                     self._delivery_failed(error)
                     continue  # the broker is up: at once, one message at a time
-                self._went_down(f"RabbitMQ connection lost ({error!r})")
+                self._went_down(f"RabbitMQ connection lost ({error!r})" if self._ever_connected
+                                else f"cannot connect to RabbitMQ ({error!r})")
             except ConsumerCancelled:
                 self._went_down(f"RabbitMQ cancelled the consumer of {config.QUEUE} (its queue deleted?)")
             except ChannelClosedByBroker as error:
@@ -289,6 +291,7 @@ class StatusServer:
         self._channel.confirm_delivery()  # dead-letter publishes are confirmed before the ack
         self._channel.basic_qos(prefetch_count=1 if self._one_at_a_time else PREFETCH)
         self._metrics.rabbitmq_up.set(1)
+        self._ever_connected = True
         if self._down_since is not None:
             LOG.info("RabbitMQ is back after %.1fs", time.monotonic() - self._down_since)
             self._down_since = None
@@ -334,6 +337,9 @@ class StatusServer:
                 LOG.error("not consuming: %s", error)
                 sys.exit(1)
             except PyMongoError as error:
+                if isinstance(error, OperationFailure) and error.code == AUTHENTICATION_FAILED:
+                    LOG.error("MongoDB refused the credentials in MONGO_URI: %s", (error.details or {}).get("errmsg", error))
+                    sys.exit(1)  # retrying cannot help
                 self._metrics.mongodb_up.set(0)
                 failing_since = failing_since or attempt_started
                 if time.monotonic() - failing_since >= config.MONGO_OUTAGE_EXIT_SECONDS:
@@ -710,7 +716,11 @@ def main():
             return 1
         LOG.info("serving metrics on http://%s:%d/metrics, the sums of the files of every process in %s",
                  config.METRICS_HOST, config.METRICS_PORT, metrics_directory)
-    mongo = pymongo.MongoClient(config.MONGO_URI, tz_aware=True, serverSelectionTimeoutMS=5000)
+    try:
+        mongo = pymongo.MongoClient(config.MONGO_URI, tz_aware=True, serverSelectionTimeoutMS=5000)
+    except ConfigurationError as error:  # a mongodb+srv:// name that does not resolve, for one
+        LOG.error("MONGO_URI %s: %s", config.redact(config.MONGO_URI), error)
+        return 1
     server = StatusServer(mongo[config.MONGO_DB][config.MONGO_COLLECTION], fault_hook=_fault_hook_from_environment(),
                           fold=args.parent_fd is None, metrics=metrics)
     if args.parent_fd is not None:

@@ -203,7 +203,7 @@ def test_invalid_request_is_400_naming_the_parameter(client, query, parameter):
 def test_an_over_long_query_string_is_414_naming_its_longest_parameter(client, query, parameter):
     response = client.get(f"/status-count?{query}")
     assert response.status_code == 414
-    assert f"parameter '{parameter}' alone is" in response.get_json()["error"]
+    assert f"(its longest parameter, '{parameter}', is" in response.get_json()["error"]
 
 
 def test_series_has_every_aligned_bucket_with_zeros_and_each_equals_status_count(app, client):

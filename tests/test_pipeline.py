@@ -143,6 +143,10 @@ def test_sigterm_stops_the_server_cleanly(pipeline):
     ("MONGO_URI", "localhost:27017"),
     ("MONGO_URI", "mongodb://localhost:port/"),
     ("QUEUE", ""),
+    ("MONGO_DB", "a/b"),  # MongoDB's naming restrictions
+    ("MONGO_DB", "iot.2026"),
+    ("MONGO_DB", "d" * 64),
+    ("MONGO_COLLECTION", "$status"),
     ("SERVER_PROCESSES", "0"),
     ("METRICS_PORT", "70000"),
     ("METRICS_PORT", ""),

@@ -45,8 +45,8 @@ def client(app):
     (f"Bearer {TOKEN}x", True),
     (f"Bearer {TOKEN.upper()}", True),
     (f"Bearer {TOKEN} {TOKEN}", True),
-    ("Bearer", True),
-    ("Bearer ", True),
+    ("Bearer", False),  # no token after the scheme: as if none were sent
+    ("Bearer ", False),
     ("Bearer tökén-with-non-ascii-characters", True),
     (f"Basic {TOKEN}", False),  # another scheme: as if none were sent
     (TOKEN, False),
@@ -225,3 +225,42 @@ def test_a_wrong_mqtt_password_is_said_once_and_exits_without_showing_it():
     assert result.returncode == 1, output
     assert output.count("MQTT broker refused the connection: Bad user name or password") == 1, output
     assert SECRET not in output
+
+
+def test_a_refused_mongodb_login_is_said_once_and_stops_the_server_and_shows_in_health(fresh_app):
+    """FerretDB as run here has no users: it refuses every SCRAM login, as MongoDB refuses a wrong password."""
+    uri = MONGO_URI.replace("mongodb://", f"mongodb://pipeline:{SECRET}@", 1)
+    result = run_script("server.py", {"MONGO_URI": uri, "METRICS_PORT": "0", "SERVER_PROCESSES": "1",
+                                      "MONGO_DB": f"test_security_{uuid.uuid4().hex[:10]}"})
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert output.count("MongoDB refused the credentials in MONGO_URI") == 1, output
+    assert SECRET not in output
+    response = fresh_app(MONGO_URI=uri).test_client().get("/health")
+    assert response.status_code == 503
+    assert response.get_json()["error"] == "MongoDB refused the credentials in MONGO_URI"
+
+
+@pytest.mark.parametrize("script", ["server.py", "api.py"])
+def test_a_mongodb_srv_name_that_does_not_resolve_is_one_line(script):
+    result = run_script(script, {"MONGO_URI": f"mongodb+srv://pipeline:{SECRET}@nohost.invalid/", "METRICS_PORT": "0"})
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output and "MONGO_URI mongodb+srv://pipeline:***@nohost.invalid/" in output
+    assert SECRET not in output
+
+
+def test_a_rabbitmq_host_that_does_not_resolve_is_an_outage_not_a_crash(tmp_path):
+    log = tmp_path / "server.log"
+    env = {"PATH": "/usr/bin:/bin", "RABBITMQ_URL": f"amqp://pipeline:{SECRET}@nohost.invalid:5672/%2F",
+           "MONGO_URI": MONGO_URI, "MONGO_DB": f"test_security_{uuid.uuid4().hex[:10]}", "METRICS_PORT": "0"}
+    with open(log, "w") as output:
+        process = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--processes", "1"], env=env,
+                                   stdout=output, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "cannot connect to RabbitMQ" in log.read_text(), 30, "the server to say it cannot connect")
+        assert process.poll() is None  # it keeps trying, as for any outage
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0
+    assert "Traceback" not in log.read_text() and SECRET not in log.read_text()
