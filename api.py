@@ -164,11 +164,9 @@ def create_app(test_config=None):
         try:
             with pymongo.timeout(HEALTH_TIMEOUT_SECONDS):
                 database.command("ping")
-        except OperationFailure as error:
-            if error.code == AUTHENTICATION_FAILED:
-                return _unhealthy("MongoDB refused the credentials in MONGO_URI")
-            return _unhealthy(f"MongoDB does not answer: {error.__class__.__name__}")
         except PyMongoError as error:
+            if isinstance(error, OperationFailure) and error.code == AUTHENTICATION_FAILED:
+                return _unhealthy("MongoDB refused the credentials in MONGO_URI")
             return _unhealthy(f"MongoDB does not answer: {error.__class__.__name__}")
         try:
             with pymongo.timeout(HEALTH_TIMEOUT_SECONDS):
