@@ -24,12 +24,21 @@ browser:
 services-down:
 	scripts/services down
 
+# For docker compose: .env.example with a password of its own in each empty *_PASSWORD=, mode 600.
+.env:
+	umask 077; $(PYTHON) -c 'import re, secrets, sys; sys.stdout.write(re.sub(r"(?m)^(\w+_PASSWORD)=$$", \
+	  lambda m: m[1] + "=" + secrets.token_urlsafe(24), open(".env.example").read()))' > $@
+
 demo: venv services
 	scripts/demo
 
+# The suite, then again what TLS and the users concern with the plain-text listeners off.
 test: venv services browser
-	$(PY) -m pyflakes *.py tests/*.py $(wildcard bench/*.py scripts/*.py)
+	$(PY) -m pyflakes *.py tests/*.py $(wildcard bench/*.py scripts/*.py rabbitmq/*.py)
 	$(PY) -m pytest
+	REQUIRE_TLS=1 scripts/services up
+	REQUIRE_TLS=1 $(PY) -m pytest tests/test_tls.py tests/test_access.py tests/test_pipeline.py; \
+	  status=$$?; scripts/services up; exit $$status
 
 # The ingest benchmark's Telegraf column builds Telegraf once (scripts/telegraf-build, minutes).
 bench: venv services

@@ -24,6 +24,7 @@ import json
 import logging
 import random
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -41,6 +42,10 @@ import config
 from messages import DEVICE_ID, DEVICE_ID_RULE
 
 LOG = logging.getLogger("client")
+# MqttPublisher: connections in a row that the broker closed within a few seconds of the CONNACK,
+# without a PUBACK, that mean "refused" (a broker restarting or a network flapping lasts longer).
+TOPIC_REFUSED_CONNECTIONS = 3
+TOPIC_REFUSED_SECONDS = 5
 
 
 def make_message(status, device_id=None):
@@ -124,7 +129,7 @@ class AmqpPublisher:
         self._down_since = None
         self._delay = 1.0
         self.published = self.confirmed = self.refused = 0
-        self.login_refused = False
+        self.connection_refused = False
 
     @property
     def unconfirmed(self):
@@ -136,7 +141,7 @@ class AmqpPublisher:
                 self._parameters, on_open_callback=self._on_connection_open,
                 on_open_error_callback=self._on_connection_open_error, on_close_callback=self._on_connection_closed)
             self._connection.ioloop.start()
-            if self._finished() or self.login_refused:
+            if self._finished() or self.connection_refused:
                 return
             if self._stopping:
                 LOG.error("stopped while RabbitMQ is unreachable: %d messages unconfirmed", self.unconfirmed)
@@ -175,9 +180,14 @@ class AmqpPublisher:
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_connection_open_error(self, connection, error):
+        certificate_error = next((attempt.exception for attempt in getattr(error, "exceptions", ())
+                                  if isinstance(getattr(attempt, "exception", None), ssl.SSLCertVerificationError)), None)
         if isinstance(error, (ProbableAuthenticationError, ProbableAccessDeniedError)):
             LOG.error("RabbitMQ refused the credentials in RABBITMQ_URL: %s", error)
-            self.login_refused = True  # retrying cannot help: stop, and exit 1
+            self.connection_refused = True  # retrying cannot help: stop, and exit 1
+        elif certificate_error:
+            LOG.error("RabbitMQ's certificate failed verification against the CA of RABBITMQ_URL: %s", certificate_error)
+            self.connection_refused = True  # nor with the same CA
         else:
             self._went_down(f"cannot connect to RabbitMQ ({error!r})")
         connection.ioloop.stop()
@@ -200,8 +210,9 @@ class AmqpPublisher:
         self._channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
-        # Declared here too so the exchange exists whichever side starts first.
-        channel.exchange_declare(config.EXCHANGE, exchange_type="topic", durable=True,
+        # Passive: the user `publisher` may publish, not declare (rabbitmq/definitions.json declares
+        # the exchange). A broker without it closes the channel with 404, and this publisher retries.
+        channel.exchange_declare(config.EXCHANGE, passive=True,
                                  callback=lambda _: channel.confirm_delivery(self._on_confirm,
                                                                              callback=self._on_confirm_mode))
 
@@ -226,6 +237,9 @@ class AmqpPublisher:
             self._unconfirmed.clear()
             self._to_resend.clear()
             self._remaining = 0
+        elif isinstance(reason, ChannelClosedByBroker) and reason.reply_code == 404 and self._down_since is None:
+            LOG.warning("exchange %s does not exist (rabbitmq/definitions.json declares it: scripts/services up, "
+                        "or server.py); retrying", config.EXCHANGE)
         elif not self._finished():
             LOG.warning("channel closed: %s", reason)
         if self._connection.is_open:
@@ -327,6 +341,8 @@ class MqttPublisher:
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"client-py-{uuid.uuid4().hex[:12]}",
                                    protocol=mqtt.MQTTv311, clean_session=True)
         self._client.username_pw_set(config.MQTT_USERNAME, config.MQTT_PASSWORD)
+        if config.MQTT_TLS_CA:  # the broker's certificate verified against it, its name against MQTT_HOST
+            self._client.tls_set(ca_certs=config.MQTT_TLS_CA)
         self._client.max_inflight_messages_set(window)
         self._client.max_queued_messages_set(0)
         self._client.reconnect_delay_set(1, 30)
@@ -339,11 +355,21 @@ class MqttPublisher:
         self._down_since = None
         self._stopping = False
         self.published = self.confirmed = self.refused = 0
-        self.login_refused = False
+        self.connection_refused = False
+        self._confirmed_at_connect = 0
+        self._connected_at = 0.0
+        self._closed_at_publish = 0  # connections in a row that the broker closed before any PUBACK
 
     @property
     def unconfirmed(self):
         return len(self._in_flight)
+
+    @property
+    def _topic_refused(self):
+        # MQTT 3.1.1 cannot refuse one PUBLISH: RabbitMQ closes the connection when a topic permission
+        # refuses it (a device publishing to another device's topic). Past a few such connections in a
+        # row, resending would only repeat it.
+        return self._closed_at_publish >= TOPIC_REFUSED_CONNECTIONS
 
     def run(self):
         try:
@@ -371,7 +397,13 @@ class MqttPublisher:
                 else:
                     self._wait(lambda: len(self._in_flight) < 10 * self._window)
             self._wait(lambda: not self._in_flight or self._gave_up())
-            if self._in_flight:
+            if self._topic_refused:
+                LOG.error("RabbitMQ closed the connection at each publish to %s, %d times without a PUBACK: a topic "
+                          "permission refuses it (a device may publish to devices/<its user name>/status only); "
+                          "%d messages refused", self._topic, self._closed_at_publish, len(self._in_flight))
+                self.refused += len(self._in_flight)
+                self._in_flight.clear()
+            elif self._in_flight:
                 LOG.error("gave up: %d messages unconfirmed", len(self._in_flight))
         finally:
             self._client.disconnect()
@@ -387,7 +419,7 @@ class MqttPublisher:
             time.sleep(0.005)
 
     def _gave_up(self):
-        return self.login_refused or (self._down_since is not None
+        return self.connection_refused or self._topic_refused or (self._down_since is not None
                                       and time.monotonic() - self._down_since > self._give_up_seconds)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
@@ -395,18 +427,29 @@ class MqttPublisher:
             LOG.error("MQTT broker refused the connection: %s (check MQTT_USERNAME/MQTT_PASSWORD)", reason_code)
             self._down_since = self._down_since or time.monotonic()
             # CONNACK 4 and 5 of MQTT 3.1.1: retrying with the same credentials cannot help.
-            self.login_refused = reason_code in ("Bad user name or password", "Not authorized")
-            if self.login_refused:
+            self.connection_refused = reason_code in ("Bad user name or password", "Not authorized")
+            if self.connection_refused:
                 client.disconnect()  # no reconnecting
             return
         if self._down_since is not None:
             LOG.info("connected to MQTT again after %.1fs", time.monotonic() - self._down_since)
         else:
-            LOG.info("connected to MQTT at %s:%d, publishing to topic %s (QoS %d)",
-                     config.MQTT_HOST, config.MQTT_PORT, self._topic, self._qos)
+            LOG.info("connected to MQTT%s at %s:%d, publishing to topic %s (QoS %d)", " over TLS" if config.MQTT_TLS_CA
+                     else "", config.MQTT_HOST, config.MQTT_PORT, self._topic, self._qos)
         self._down_since = None
+        self._confirmed_at_connect = self.confirmed
+        self._connected_at = time.monotonic()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        # Closed soon after a CONNACK, messages in flight and not one PUBACK: refused at publish.
+        if (self._in_flight and self.confirmed == self._confirmed_at_connect
+                and time.monotonic() - self._connected_at < TOPIC_REFUSED_SECONDS):
+            self._closed_at_publish += 1
+        else:
+            self._closed_at_publish = 0
+        if self._topic_refused:
+            client.disconnect()  # no reconnecting
+            return
         if self._in_flight or self._remaining != 0:
             if self._down_since is None:
                 LOG.warning("MQTT connection lost (%s); %d messages in flight will be resent",
@@ -462,9 +505,17 @@ def main(argv=None):
     logging.getLogger("pika").setLevel(logging.CRITICAL)
 
     if args.transport == "mqtt":
-        publisher = MqttPublisher(args.count, args.interval, args.window, args.device_id, args.qos, args.give_up)
+        if not config.MQTT_USERNAME:
+            parser.error("MQTT logs in as a device: set MQTT_USERNAME and MQTT_PASSWORD to a device's "
+                         "(scripts/services add-device NAME)")
+        if config.REQUIRE_TLS and not config.MQTT_TLS_CA:
+            parser.error("REQUIRE_TLS=1 asks for MQTT over TLS: set MQTT_TLS_CA (or TLS_CA_FILE) to the broker's CA")
+        # A device may publish to devices/<its user name>/status only (its topic permission); the
+        # user name may start with "<vhost>:", RabbitMQ's way of naming a vhost over MQTT.
+        device_id = args.device_id or config.MQTT_USERNAME.rpartition(":")[2]
+        publisher = MqttPublisher(args.count, args.interval, args.window, device_id, args.qos, args.give_up)
     else:
-        publisher = AmqpPublisher(config.RABBITMQ_URL, args.count, args.interval, args.window,
+        publisher = AmqpPublisher(config.rabbitmq_url("publisher"), args.count, args.interval, args.window,
                                   args.device_id, args.give_up)
     signal.signal(signal.SIGINT, publisher.stop)
     signal.signal(signal.SIGTERM, publisher.stop)
@@ -484,7 +535,7 @@ def main(argv=None):
     LOG.info("done: %d published, %d confirmed, %d refused, %d unconfirmed in %.1fs (%.0f/s)",
              publisher.published, publisher.confirmed, publisher.refused, publisher.unconfirmed,
              elapsed, publisher.confirmed / elapsed if elapsed else 0)
-    return 0 if publisher.refused == 0 and publisher.unconfirmed == 0 and not publisher.login_refused else 1
+    return 0 if publisher.refused == 0 and publisher.unconfirmed == 0 and not publisher.connection_refused else 1
 
 
 if __name__ == "__main__":

@@ -1,15 +1,29 @@
 """Settings shared by client.py, server.py and api.py.
 
-Every setting comes from the environment variable of the same name; the
-defaults reach the services of both `docker compose up` and
-`scripts/services up` on localhost. A bad value stops the program at import
-time with one line naming the variable, before any connection is tried.
+Every setting comes from the environment variable of the same name, else
+from `.env` (docker compose's file, which `.env.example` shows), else from
+`.data/secrets.env` (the passwords `scripts/services up` generated); the
+defaults reach the services of both on localhost, as the users of
+rabbitmq/definitions.json. A bad value stops the program at import time with
+one line naming the variable, before any connection is tried.
 """
 
 import math
 import os
 import sys
-from urllib.parse import unquote, urlsplit
+from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit
+
+from dotenv import load_dotenv
+
+ROOT = Path(__file__).resolve().parent
+# Neither overrides what the environment says; the first file read wins over the second.
+for _settings in (ROOT / ".env", ROOT / ".data" / "secrets.env"):
+    try:
+        load_dotenv(_settings)
+    except OSError as error:  # .data/secrets.env is its owner's only
+        sys.exit(f"config error: cannot read {_settings} ({error.strerror}): run as its owner, "
+                 f"or set the passwords in the environment")
 
 
 def _fail(name, value, expected):
@@ -21,7 +35,7 @@ def _fail(name, value, expected):
 _SHOWN_OPTIONS = frozenset(option.lower() for option in (
     "heartbeat", "connection_attempts", "retry_delay", "socket_timeout", "stack_timeout",
     "blocked_connection_timeout", "channel_max", "frame_max", "locale",
-    "replicaSet", "tls", "ssl", "authSource", "authMechanism", "directConnection", "readPreference", "w",
+    "replicaSet", "tls", "ssl", "tlsCAFile", "authSource", "authMechanism", "directConnection", "readPreference", "w",
     "journal", "wTimeoutMS", "retryWrites", "retryReads", "appName", "compressors", "serverSelectionTimeoutMS",
     "connectTimeoutMS", "socketTimeoutMS", "timeoutMS", "maxPoolSize", "minPoolSize", "loadBalanced"))
 
@@ -61,8 +75,11 @@ def redact(url):
 
 def _url(name, default, schemes, check=None):
     """A URL of one of `schemes` that `check(value)`, if given, accepts (it raises whatever its
-    library raises). Errors show the URL redacted, and the library's message without what it hides."""
-    value = os.environ.get(name, default)
+    library raises), or `default` when unset. Errors show the URL redacted, and the library's
+    message without what it hides."""
+    value = os.environ.get(name)
+    if not value:
+        return default
     shown, hidden = _redacted(value)
     try:
         parts = urlsplit(value)
@@ -164,8 +181,56 @@ def _name(name, default, forbidden="", most=120):
     return value
 
 
-RABBITMQ_URL = _url("RABBITMQ_URL", "amqp://guest:guest@localhost:5672/%2F", ("amqp", "amqps"), _amqp_url)
-MONGO_URI = _url("MONGO_URI", "mongodb://localhost:27017/", ("mongodb", "mongodb+srv"), _mongodb_uri)
+def _flag(name):
+    value = os.environ.get(name, "0")
+    if value not in ("0", "1"):
+        _fail(name, value, "0 or 1")
+    return value == "1"
+
+
+def _ca_file(name, default):
+    """A readable file of CA certificates (PEM), or `default` (a path or None) when unset."""
+    value = os.environ.get(name) or default
+    if value and not os.access(value, os.R_OK):
+        _fail(name, value, "a readable file of CA certificates (PEM)")
+    return value
+
+
+# TLS (README "Security"). With a CA file, the default URLs below are the TLS listeners of
+# scripts/services, whose certificates are verified against it: by default the local CA that
+# scripts/services generated, when there is one.
+# Not with a .env: its passwords are docker compose's, whose services have no TLS.
+_LOCAL_CA = ROOT / ".data" / "tls" / "ca.pem"
+TLS_CA_FILE = _ca_file("TLS_CA_FILE", str(_LOCAL_CA) if _LOCAL_CA.exists() and not (ROOT / ".env").exists() else None)
+# 1: a URL or an MQTT connection without TLS is a config error (scripts/services, given the same,
+# turns its plain-text listeners off).
+REQUIRE_TLS = _flag("REQUIRE_TLS")
+
+
+def _local_mongodb_uri():
+    """The MongoDB user `app` of scripts/services (FerretDB) and docker-compose.yml (mongo:7),
+    whose password is MONGO_APP_PASSWORD, without one no user; over TLS (port 27018) with TLS_CA_FILE."""
+    password = os.environ.get("MONGO_APP_PASSWORD")
+    user = f"app:{quote(password, safe='')}@" if password else ""
+    options = ["authSource=admin"] if password else []
+    if TLS_CA_FILE:
+        return f"mongodb://{user}localhost:27018/?" + "&".join(options + ["tls=true", f"tlsCAFile={quote(TLS_CA_FILE)}"])
+    return f"mongodb://{user}localhost:27017/" + ("?" + "&".join(options) if options else "")
+
+
+def _over_tls(name, value, uses_tls):
+    if REQUIRE_TLS and value and not uses_tls:
+        _fail(name, redact(value), "a URL over TLS, which REQUIRE_TLS=1 asks for (amqps://, or mongodb:// with tls=true)")
+    return value
+
+
+# Set, every program logs in to RabbitMQ with it; unset, each as its own user (rabbitmq_url()).
+RABBITMQ_URL = _url("RABBITMQ_URL", None, ("amqp", "amqps"), _amqp_url)
+_over_tls("RABBITMQ_URL", RABBITMQ_URL, (RABBITMQ_URL or "").startswith("amqps://"))
+MONGO_URI = _url("MONGO_URI", _local_mongodb_uri(), ("mongodb", "mongodb+srv"), _mongodb_uri)
+_MONGO_OPTIONS = [option.lower() for option in urlsplit(MONGO_URI).query.split("&")]
+_over_tls("MONGO_URI", MONGO_URI, not {"tls=false", "ssl=false"} & set(_MONGO_OPTIONS) and (
+    MONGO_URI.startswith("mongodb+srv://") or {"tls=true", "ssl=true"} & set(_MONGO_OPTIONS)))  # +srv: TLS by default
 # MongoDB's own rules for names ("Naming Restrictions"): a database name has at most 64 characters
 # and none of /\. "$; a collection name no $ (and the counts add at most 20 characters to it).
 MONGO_DB = _name("MONGO_DB", "iot", forbidden='/\\."$', most=63)
@@ -193,6 +258,36 @@ API_TOKEN = _bearer_token("API_TOKEN")
 METRICS_HOST = _name("METRICS_HOST", "127.0.0.1")
 METRICS_PORT = _port_or_zero("METRICS_PORT", 5001)
 MQTT_HOST = _name("MQTT_HOST", "localhost")
-MQTT_PORT = _whole_number("MQTT_PORT", 1883, 65535, "a port number")
-MQTT_USERNAME = _name("MQTT_USERNAME", "guest")
-MQTT_PASSWORD = os.environ.get("MQTT_PASSWORD", "guest")
+# Set (by default TLS_CA_FILE), MQTT goes over TLS, the broker's certificate verified against it.
+MQTT_TLS_CA = _ca_file("MQTT_TLS_CA", TLS_CA_FILE)
+MQTT_PORT = _whole_number("MQTT_PORT", 8883 if MQTT_TLS_CA else 1883, 65535, "a port number")
+# A device's user (scripts/services add-device NAME), which may publish to devices/NAME/status only.
+MQTT_USERNAME = _name("MQTT_USERNAME", "") if os.environ.get("MQTT_USERNAME") else None
+MQTT_PASSWORD = os.environ.get("MQTT_PASSWORD", "")
+
+
+def rabbitmq_url(user):
+    """RABBITMQ_URL when set; else the local broker (localhost:5672, or amqps on 5671 with
+    TLS_CA_FILE; vhost /) as `user` of rabbitmq/definitions.json: admin, publisher (client.py) or
+    pipeline (server.py), with the password in RABBITMQ_<USER>_PASSWORD. Neither set: exits with a
+    config error saying what to do."""
+    if RABBITMQ_URL:
+        return RABBITMQ_URL
+    variable = f"RABBITMQ_{user.upper()}_PASSWORD"
+    password = os.environ.get(variable)
+    if not password:
+        sys.exit(f"config error: RABBITMQ_URL is not set, nor is {variable} for the user {user}: run "
+                 f"scripts/services up (it writes .data/secrets.env), or set them (.env.example)")
+    if REQUIRE_TLS and not TLS_CA_FILE:
+        sys.exit("config error: REQUIRE_TLS=1, and there is neither RABBITMQ_URL nor TLS_CA_FILE to reach RabbitMQ over TLS")
+    return local_amqp_url(user, password)
+
+
+def local_amqp_url(user, password, vhost="/"):
+    """The local broker's URL for `user`: amqps on 5671, its certificate verified against
+    TLS_CA_FILE (pika's ssl_options hold the CA and the name), or without a CA amqp on 5672."""
+    credentials = f"{quote(user, safe='')}:{quote(password, safe='')}"
+    if TLS_CA_FILE:
+        ssl_options = quote(repr({"ca_certs": TLS_CA_FILE, "server_hostname": "localhost"}), safe="")
+        return f"amqps://{credentials}@localhost:5671/{quote(vhost, safe='')}?ssl_options={ssl_options}"
+    return f"amqp://{credentials}@localhost:5672/{quote(vhost, safe='')}"

@@ -23,6 +23,7 @@ import queue
 import random
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -146,11 +147,12 @@ class Metrics:
 
 
 class StatusServer:
-    def __init__(self, collection, amqp_url=config.RABBITMQ_URL, fault_hook=None, fold=True, metrics=None):
+    def __init__(self, collection, amqp_url=None, fault_hook=None, fold=True, metrics=None):
         self._collection = collection
         self._metrics = metrics or Metrics()
         self._fold = fold  # one process of a server.py folds the counts; its children do not
-        self._parameters = pika.URLParameters(amqp_url)
+        # Unless RABBITMQ_URL says otherwise, as the user `pipeline` (rabbitmq/definitions.json).
+        self._parameters = pika.URLParameters(amqp_url or config.rabbitmq_url("pipeline"))
         # pika answers heartbeats only inside process_data_events: the main thread never
         # blocks outside it for more than a fraction of this (one delivery burst).
         self._parameters.heartbeat = config.RABBITMQ_HEARTBEAT_SECONDS
@@ -226,7 +228,8 @@ class StatusServer:
                     self._went_down(f"RabbitMQ closed the channel: a delivery stayed unacknowledged "
                                     f"past its consumer_timeout ({error.reply_text})")
                 elif error.reply_code in (403, 404, 406):
-                    LOG.error("RabbitMQ refused the topology: %s", error)
+                    LOG.error("RabbitMQ refused the topology: %s%s", error, " (rabbitmq/definitions.json declares "
+                              "status_exchange: scripts/services up)" if error.reply_code == 404 else "")
                     raise SystemExit(1) from None
                 else:
                     self._went_down(f"RabbitMQ closed the channel ({error})")
@@ -284,6 +287,9 @@ class StatusServer:
         except ProbableAuthenticationError as error:
             LOG.error("RabbitMQ refused the credentials in RABBITMQ_URL: %s", error)
             raise SystemExit(1) from None
+        except ssl.SSLCertVerificationError as error:  # retrying with the same CA cannot help either
+            LOG.error("RabbitMQ's certificate failed verification against the CA of RABBITMQ_URL: %s", error)
+            raise SystemExit(1) from None
         self._channel = self._connection.channel()
         self._cancelled_by_broker = False
         self._channel.add_on_cancel_callback(self._on_cancelled_by_broker)
@@ -301,9 +307,10 @@ class StatusServer:
 
     @staticmethod
     def _declare_topology(channel):
-        """EXCHANGE is declared without arguments, so that any publisher may declare it too:
-        its alternate exchange comes from a policy (rabbitmq/definitions.json)."""
-        channel.exchange_declare(config.EXCHANGE, exchange_type="topic", durable=True)
+        """EXCHANGE is rabbitmq/definitions.json's, which this server only checks exists (a passive
+        declare): the user `pipeline` may bind to it but neither declare nor delete it. Its
+        alternate exchange comes from a policy of the same file."""
+        channel.exchange_declare(config.EXCHANGE, passive=True)
         channel.exchange_declare(DEAD_LETTER_EXCHANGE, exchange_type="fanout", durable=True)
         channel.queue_declare(DEAD_LETTER_QUEUE, durable=True)
         channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
@@ -340,6 +347,9 @@ class StatusServer:
                 if isinstance(error, OperationFailure) and error.code == AUTHENTICATION_FAILED:
                     LOG.error("MongoDB refused the credentials in MONGO_URI: %s", (error.details or {}).get("errmsg", error))
                     sys.exit(1)  # retrying cannot help
+                if "CERTIFICATE_VERIFY_FAILED" in str(error):  # pymongo tells it in its message only
+                    LOG.error("MongoDB's certificate failed verification against tlsCAFile of MONGO_URI: %s", error)
+                    sys.exit(1)
                 self._metrics.mongodb_up.set(0)
                 failing_since = failing_since or attempt_started
                 if time.monotonic() - failing_since >= config.MONGO_OUTAGE_EXIT_SECONDS:

@@ -55,6 +55,11 @@ import pika  # noqa: E402
 import pymongo  # noqa: E402
 
 import config  # noqa: E402
+
+# The users of rabbitmq/definitions.json may touch only the pipeline's own names, not this run's:
+# everything here, server.py's processes included, logs in as admin unless RABBITMQ_URL says otherwise.
+config.RABBITMQ_URL = os.environ["RABBITMQ_URL"] = config.rabbitmq_url("admin")
+
 from messages import to_document  # noqa: E402
 from server import StatusServer  # noqa: E402
 
@@ -82,7 +87,13 @@ def store_name(mongo):
 
 
 def connect():
-    return pika.BlockingConnection(pika.URLParameters(config.RABBITMQ_URL))
+    """A connection, this run's exchange declared (server.py only checks that it exists, as
+    rabbitmq/definitions.json declares status_exchange)."""
+    connection = pika.BlockingConnection(pika.URLParameters(config.RABBITMQ_URL))
+    channel = connection.channel()
+    channel.exchange_declare(config.EXCHANGE, exchange_type="topic", durable=True)
+    channel.close()
+    return connection
 
 
 def preload(messages):
@@ -209,6 +220,7 @@ TELEGRAF_CONFIG = """\
 
 [[inputs.amqp_consumer]]
   brokers = [{broker}]
+  tls_ca = {tls_ca}
   queue = {queue}
   queue_passive = true  # server.py's topology: a quorum queue, already bound
   prefetch_count = 20000
@@ -228,6 +240,7 @@ TELEGRAF_CONFIG = """\
 
 [[outputs.mongodb]]
   dsn = {mongo_uri}
+  tls_ca = {tls_ca}
   database = {database}
   write_batch = true  # one insert_many per batch, instead of one insert_one per message
 """
@@ -251,10 +264,14 @@ class TelegrafProcess(LoggedConsumer):
 
     def __init__(self, binary):
         self._stored = 0
-        settings = {"broker": config.RABBITMQ_URL, "queue": config.QUEUE, "collection": config.MONGO_COLLECTION,
+        # Over TLS as server.py: Telegraf takes the CA as tls_ca, not in pika's ssl_options.
+        settings = {"broker": config.RABBITMQ_URL.partition("?")[0], "tls_ca": config.TLS_CA_FILE or "",
+                    "queue": config.QUEUE, "collection": config.MONGO_COLLECTION,
                     "mongo_uri": config.MONGO_URI, "database": config.MONGO_DB}
         path = ROOT / "bench/results/telegraf.conf"
-        path.write_text(TELEGRAF_CONFIG.format(**{name: json.dumps(value) for name, value in settings.items()}))
+        path.unlink(missing_ok=True)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as file:  # it holds passwords
+            file.write(TELEGRAF_CONFIG.format(**{name: json.dumps(value) for name, value in settings.items()}))
         super().__init__("telegraf.log", [binary, "--config", str(path)])
 
     def _stored_so_far(self, found):

@@ -5,11 +5,12 @@ other's messages; MQTT tests get RabbitMQ virtual hosts of this test run's own.
 A service that cannot be reached fails the test.
 """
 
-import base64
 import contextlib
+import importlib.util
 import json
 import os
 import re
+import secrets
 import select
 import signal
 import socket
@@ -29,14 +30,30 @@ import pika
 import pymongo
 import pytest
 
+import config
+
 ROOT = Path(__file__).resolve().parents[1]
-RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@localhost:5672/%2F")
-RABBITMQ_USER = urllib.parse.urlsplit(RABBITMQ_URL).username
+# Tests make exchanges, queues, vhosts and users of their own: as admin, whose password
+# scripts/services generated (config.py reads .data/secrets.env). tests/test_security.py logs in
+# as the least-privileged users of rabbitmq/definitions.json.
+RABBITMQ_URL = config.rabbitmq_url("admin")
+_admin = urllib.parse.urlsplit(RABBITMQ_URL)
+_spec = importlib.util.spec_from_file_location("apply_definitions", ROOT / "rabbitmq" / "apply_definitions.py")
+apply_definitions = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(apply_definitions)
+ADMIN_API = apply_definitions.ManagementAPI(f"http://{_admin.hostname}:15672", _admin.username,
+                                            urllib.parse.unquote(_admin.password))
 MQTT_VHOST = f"status-pipeline-tests-{uuid.uuid4().hex[:8]}"  # with the broker settings as shipped
 MQTT_OPEN_VHOST = f"{MQTT_VHOST}-open"  # the same without topic permissions, as for a user given none
-MQTT_USERNAME = f"{MQTT_VHOST}:{RABBITMQ_USER}"  # RabbitMQ's way of naming the vhost
-MQTT_OPEN_USERNAME = f"{MQTT_OPEN_VHOST}:{RABBITMQ_USER}"
-MONGO_URI = os.environ.get("MONGO_URI", "mongodb://localhost:27017/")
+# MQTT tests publish as a user of this run's own, given the rules of `publisher` in those vhosts.
+MQTT_USER = f"tests-{MQTT_VHOST[-8:]}-publisher"
+MQTT_USERNAME = f"{MQTT_VHOST}:{MQTT_USER}"  # RabbitMQ's way of naming the vhost
+MQTT_OPEN_USERNAME = f"{MQTT_OPEN_VHOST}:{MQTT_USER}"
+MQTT_PASSWORD = secrets.token_urlsafe(24)
+# Where mosquitto_pub reaches the broker as client.py does: over TLS when config.py has a CA for it.
+MOSQUITTO_SERVER = ["-h", config.MQTT_HOST, "-p", str(config.MQTT_PORT),
+                    *(["--cafile", config.MQTT_TLS_CA] if config.MQTT_TLS_CA else [])]
+MONGO_URI = config.MONGO_URI
 
 
 def free_port():
@@ -58,20 +75,27 @@ def wait_until(condition, timeout=30.0, what="the condition", interval=0.05):
 
 
 def management(method, path, body=None):
-    """One call to RabbitMQ's management HTTP API, as the user of RABBITMQ_URL. Deleting what is
-    gone already (a broker restarted on other data, say) is no error."""
-    url = urllib.parse.urlsplit(RABBITMQ_URL)
-    auth = base64.b64encode(f"{url.username}:{url.password}".encode()).decode()
-    request = urllib.request.Request(f"http://{url.hostname}:15672/api{path}", method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"})
+    """One call to RabbitMQ's management HTTP API as admin; its JSON answer, if any. Deleting what
+    is gone already (a broker restarted on other data, say) is no error."""
     try:
-        urllib.request.urlopen(request, timeout=30).close()
+        return ADMIN_API.call(method, path, body)
     except urllib.error.HTTPError as error:
         if not (method == "DELETE" and error.code == 404):
             pytest.fail(f"RabbitMQ management API: {method} {path} failed ({error})")
     except OSError as error:
         pytest.fail(f"RabbitMQ management API: {method} {path} failed ({error}); run scripts/services up")
+
+
+def definitions_in(vhost, users):
+    """The settings rabbitmq/definitions.json gives vhost `/`, for `vhost`, each user renamed as
+    `users` says and the users it does not name left out: the shipped rules, in a vhost of a test."""
+    definitions = json.loads((ROOT / "rabbitmq" / "definitions.json").read_text())
+    settings = {}
+    for key in ("permissions", "topic_permissions", "exchanges", "policies"):
+        assert all(item["vhost"] == "/" for item in definitions[key])
+        settings[key] = [dict(item, vhost=vhost, **({"user": users[item["user"]]} if "user" in item else {}))
+                         for item in definitions[key] if item.get("user", "") in users or "user" not in item]
+    return settings
 
 
 def quoted(vhost):
@@ -129,6 +153,10 @@ class Pipeline:
             "pattern": f"^({'|'.join(names)})$", "apply-to": "all", "priority": 1,
             "definition": {"alternate-exchange": self.exchange + ".unroutable",
                            "dead-letter-routing-key": self.dead_letter_queue}})
+        if not self.shared_exchange:  # as rabbitmq/definitions.json declares the shared one, status_exchange
+            channel = amqp_connection.channel()
+            channel.exchange_declare(self.exchange, exchange_type="topic", durable=True)
+            channel.close()
         self.database = mongo[self.env["MONGO_DB"]]
         self.collection = self.database["status"]
         self._connection = amqp_connection
@@ -263,25 +291,29 @@ def pipeline(mongo, amqp_connection, tmp_path):
 
 
 def own_vhost(vhost, topic_permissions):
-    """Create a virtual host of this test run's own, with the broker settings that
-    rabbitmq/definitions.json gives the default vhost, posted the way docker-compose.yml posts
-    them; yield its AMQP URL, then delete it with everything in it."""
-    url = urllib.parse.urlsplit(RABBITMQ_URL)
+    """Create a virtual host of this test run's own holding the settings of
+    rabbitmq/definitions.json, MQTT_USER in the place of `publisher`, with its topic permission
+    or without; yield its AMQP URL (as admin), then delete it with everything in it."""
     management("PUT", f"/vhosts/{quoted(vhost)}", {})
-    management("PUT", f"/permissions/{quoted(vhost)}/{url.username}", {"configure": ".*", "write": ".*", "read": ".*"})
-    definitions = json.loads((ROOT / "rabbitmq" / "definitions.json").read_text())
+    management("PUT", f"/permissions/{quoted(vhost)}/{_admin.username}", {"configure": ".*", "write": ".*", "read": ".*"})
+    settings = definitions_in(vhost, {"publisher": MQTT_USER})
     if not topic_permissions:
-        definitions["topic_permissions"] = []
-    for item in definitions["policies"] + definitions["topic_permissions"]:
-        assert item["vhost"] == "/"
-        item["vhost"] = vhost
-    management("POST", "/definitions", definitions)
-    yield urllib.parse.urlunsplit(url._replace(path="/" + quoted(vhost)))
+        settings["topic_permissions"] = []
+    management("POST", "/definitions", settings)
+    yield urllib.parse.urlunsplit(_admin._replace(path="/" + quoted(vhost)))
     management("DELETE", f"/vhosts/{quoted(vhost)}")
 
 
 @pytest.fixture(scope="session")
-def mqtt_vhost():
+def mqtt_user():
+    """MQTT_USER, for this run (its permissions come with each vhost of own_vhost)."""
+    management("PUT", f"/users/{MQTT_USER}", {"password": add_secret(MQTT_PASSWORD), "tags": ""})
+    yield MQTT_USER
+    management("DELETE", f"/users/{MQTT_USER}")
+
+
+@pytest.fixture(scope="session")
+def mqtt_vhost(mqtt_user):
     """The AMQP URL of a virtual host of this test run's own, set up as the default vhost is.
     The MQTT plugin publishes to one exchange per vhost (rabbitmq/rabbitmq.conf), and every
     status queue is bound to the device topics, so in the default vhost test messages would
@@ -290,7 +322,7 @@ def mqtt_vhost():
 
 
 @pytest.fixture(scope="session")
-def mqtt_open_vhost():
+def mqtt_open_vhost(mqtt_user):
     """The same without topic permissions: devices log in as users who were given none."""
     yield from own_vhost(MQTT_OPEN_VHOST, topic_permissions=False)
 
@@ -300,7 +332,7 @@ def mqtt_pipeline(mongo, mqtt_vhost, tmp_path):
     """A pipeline on the exchange RabbitMQ's MQTT plugin publishes to, in the tests' vhost;
     devices log in as `<vhost>:<user>`, RabbitMQ's way of naming the vhost over MQTT."""
     pipeline = Pipeline(mongo, connect(mqtt_vhost), tmp_path, exchange="status_exchange", amqp_url=mqtt_vhost,
-                        env={"MQTT_USERNAME": MQTT_USERNAME})
+                        env={"MQTT_USERNAME": MQTT_USERNAME, "MQTT_PASSWORD": MQTT_PASSWORD})
     yield pipeline
     pipeline.close()
 
@@ -309,7 +341,7 @@ def mqtt_pipeline(mongo, mqtt_vhost, tmp_path):
 def mqtt_open_pipeline(mongo, mqtt_open_vhost, tmp_path):
     """As mqtt_pipeline, in the vhost without topic permissions."""
     pipeline = Pipeline(mongo, connect(mqtt_open_vhost), tmp_path, exchange="status_exchange",
-                        amqp_url=mqtt_open_vhost, env={"MQTT_USERNAME": MQTT_OPEN_USERNAME})
+                        amqp_url=mqtt_open_vhost, env={"MQTT_USERNAME": MQTT_OPEN_USERNAME, "MQTT_PASSWORD": MQTT_PASSWORD})
     yield pipeline
     pipeline.close()
 
@@ -368,10 +400,15 @@ class StoreProxy:
     OP_MSG = 2013
 
     def __init__(self, target):
-        host, port = urllib.parse.urlsplit(target).hostname, urllib.parse.urlsplit(target).port or 27017
-        self._target = (host, port)
+        """`target`: the store's URI; the proxy reaches its plain-text listener (27017 with
+        scripts/services), since hang_writes() reads the wire protocol, and `uri` logs in as `target` does."""
+        parts = urllib.parse.urlsplit(target)
+        self._target = (parts.hostname, 27017)
         self._listener = socket.create_server(("127.0.0.1", 0))
-        self.uri = f"mongodb://127.0.0.1:{self._listener.getsockname()[1]}/"
+        userinfo, at, _ = parts.netloc.rpartition("@")
+        query = "&".join(option for option in parts.query.split("&")
+                         if option and not option.lower().startswith(("tls", "ssl")))
+        self.uri = f"mongodb://{userinfo}{at}127.0.0.1:{self._listener.getsockname()[1]}/" + (f"?{query}" if query else "")
         self._mode = "forward"
         self._changed = threading.Condition()
         self._closed = False
@@ -471,3 +508,32 @@ def store_proxy(mongo):
     proxy = StoreProxy(MONGO_URI)
     yield proxy
     proxy.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log(tmp_path_factory):
+    """After the whole run: no log of it holds a password of .data/secrets.env (the generated ones,
+    which every test's URLs carry), nor one that add_secret() was told of. The logs are every
+    process's under this run's temporary directory, the broker's and the store's."""
+    yield
+    secrets = set(SECRETS)
+    generated = ROOT / ".data" / "secrets.env"
+    for line in generated.read_text().splitlines() if generated.exists() else []:
+        name, _, value = line.partition("=")
+        if name.endswith("_PASSWORD") and value:
+            secrets |= {value, urllib.parse.quote(value, safe="")}
+    logs = [path for path in tmp_path_factory.getbasetemp().rglob("*") if path.is_file()]
+    logs += [path for path in (ROOT / ".data").glob("rabbitmq/log/*") if path.is_file()]
+    logs += [path for path in (ROOT / ".data").glob("mongo/server.log")]
+    leaks = [f"{path}: {secret[:4]}…" for path in logs for secret in secrets
+             if secret.encode() in path.read_bytes()]
+    assert not leaks, f"a secret in a log: {leaks}"
+
+
+SECRETS = set()
+
+
+def add_secret(secret):
+    """A password a test made: no_secret_in_any_log looks for it too."""
+    SECRETS.add(secret)
+    return secret

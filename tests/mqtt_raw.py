@@ -2,7 +2,11 @@
 refuse to send (wildcards '+' and '#'): RabbitMQ must cope with what a device puts on the wire."""
 
 import socket
+import ssl
 import struct
+
+import config
+from conftest import MQTT_PASSWORD
 
 
 def _packet(kind, body):
@@ -18,10 +22,18 @@ def _string(data):
     return struct.pack("!H", len(data)) + data
 
 
-def publish(topic, payload, username, password="guest", qos=1, port=1883):
+def _connect():
+    """The broker's MQTT listener as client.py reaches it: over TLS when config.py has a CA for it."""
+    connection = socket.create_connection((config.MQTT_HOST, config.MQTT_PORT), timeout=10)
+    if not config.MQTT_TLS_CA:
+        return connection
+    return ssl.create_default_context(cafile=config.MQTT_TLS_CA).wrap_socket(connection, server_hostname=config.MQTT_HOST)
+
+
+def publish(topic, payload, username, password=MQTT_PASSWORD, qos=1):
     """Publish once; return "puback" when the broker acknowledged it, "closed" when it closed the
     connection instead, or "sent" for QoS 0 (nothing is answered)."""
-    with socket.create_connection(("localhost", port), timeout=10) as connection:
+    with _connect() as connection:
         connect = b"\x00\x04MQTT\x04\xc2" + struct.pack("!H", 30)  # username, password, clean session
         connection.sendall(_packet(0x10, connect + _string(b"raw-publisher") + _string(username.encode())
                                    + _string(password.encode())))

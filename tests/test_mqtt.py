@@ -6,13 +6,13 @@ import uuid
 
 import pytest
 
-from conftest import MQTT_OPEN_USERNAME, MQTT_USERNAME
+from conftest import MOSQUITTO_SERVER, MQTT_OPEN_USERNAME, MQTT_PASSWORD, MQTT_USERNAME
 
 
-def mosquitto_pub(topic, message, qos=1, username=MQTT_USERNAME, check=True):
+def mosquitto_pub(topic, message, qos=1, username=MQTT_USERNAME, check=True, password=MQTT_PASSWORD):
     """An MQTT client that this project did not write: Debian's mosquitto_pub. Returns its exit
     status and what it wrote on stderr."""
-    result = subprocess.run(["mosquitto_pub", "-h", "localhost", "-p", "1883", "-u", username, "-P", "guest",
+    result = subprocess.run(["mosquitto_pub", *MOSQUITTO_SERVER, "-u", username, "-P", password,
                              "-q", str(qos), "-t", topic, "-m", message], check=check, timeout=30,
                             capture_output=True, text=True)
     return result.returncode, result.stderr.strip()

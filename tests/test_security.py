@@ -219,7 +219,8 @@ def test_a_wrong_rabbitmq_password_is_said_once_and_exits_without_showing_it(scr
 
 def test_a_wrong_mqtt_password_is_said_once_and_exits_without_showing_it():
     result = subprocess.run([sys.executable, str(ROOT / "client.py"), "--transport", "mqtt", "--count", "3"],
-                            env={"PATH": "/usr/bin:/bin", "MQTT_PASSWORD": SECRET}, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "MQTT_USERNAME": "some-device", "MQTT_PASSWORD": SECRET},
+                            capture_output=True, text=True,
                             timeout=60)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
@@ -228,8 +229,9 @@ def test_a_wrong_mqtt_password_is_said_once_and_exits_without_showing_it():
 
 
 def test_a_refused_mongodb_login_is_said_once_and_stops_the_server_and_shows_in_health(fresh_app):
-    """FerretDB as run here has no users: it refuses every SCRAM login, as MongoDB refuses a wrong password."""
-    uri = MONGO_URI.replace("mongodb://", f"mongodb://pipeline:{SECRET}@", 1)
+    """The user `app` of scripts/services, with a wrong password."""
+    parts = urllib.parse.urlsplit(MONGO_URI)
+    uri = parts._replace(netloc=f"app:{SECRET}@{parts.hostname}:{parts.port}").geturl()
     result = run_script("server.py", {"MONGO_URI": uri, "METRICS_PORT": "0", "SERVER_PROCESSES": "1",
                                       "MONGO_DB": f"test_security_{uuid.uuid4().hex[:10]}"})
     output = result.stdout + result.stderr

@@ -10,7 +10,8 @@ import uuid
 import pika
 
 import mqtt_raw
-from conftest import MQTT_OPEN_USERNAME
+import config
+from conftest import MOSQUITTO_SERVER, MQTT_OPEN_USERNAME, MQTT_PASSWORD, MQTT_USER, MQTT_VHOST
 
 # AMQP typos and near misses of status_topic and devices.<id>.status. Each is at most 255
 # bytes, the longest routing key AMQP can carry.
@@ -95,7 +96,7 @@ def test_a_dot_in_an_mqtt_device_id_is_dead_lettered_with_its_reason(mqtt_open_p
     """devices/sensor.7/status arrives as devices.sensor.7.status, which no binding matches."""
     pipeline = mqtt_open_pipeline
     pipeline.start_server()
-    subprocess.run(["mosquitto_pub", "-u", MQTT_OPEN_USERNAME, "-P", "guest", "-q", "1", "-t", "devices/sensor.7/status",
+    subprocess.run(["mosquitto_pub", *MOSQUITTO_SERVER, "-u", MQTT_OPEN_USERNAME, "-P", MQTT_PASSWORD, "-q", "1", "-t", "devices/sensor.7/status",
                     "-m", '{"status":2,"message_id":"d1"}'], check=True, timeout=30)
     [(properties, body)] = pipeline.dead_letters(1)
     assert properties.headers["x-rejected-reason"] == "unroutable: devices.sensor.7.status"
@@ -115,10 +116,13 @@ def test_client_with_a_routing_key_no_binding_matches_is_confirmed_and_dead_lett
 
 
 def test_client_with_a_routing_key_a_topic_permission_refuses_exits_1(mqtt_pipeline):
-    """With the topic permissions of rabbitmq/definitions.json, the broker refuses the key at publish."""
+    """As a user with the rules of `publisher` in rabbitmq/definitions.json, whose topic permission
+    the broker refuses the key by, at publish."""
     pipeline = mqtt_pipeline
     pipeline.start_server()
-    client = pipeline.start("client.py", "--count", 5, "--interval", 0, env={"ROUTING_KEY": "status_topik"})
+    publisher = config.local_amqp_url(MQTT_USER, MQTT_PASSWORD, MQTT_VHOST)
+    client = pipeline.start("client.py", "--count", 5, "--interval", 0,
+                            env={"ROUTING_KEY": "status_topik", "RABBITMQ_URL": publisher})
     assert client.wait(60) == 1, pipeline.log(client)
     log = pipeline.log(client)
     assert re.search(r"RabbitMQ refused to publish to status_exchange with key status_topik: ACCESS_REFUSED", log)
