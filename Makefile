@@ -24,10 +24,12 @@ browser:
 services-down:
 	scripts/services down
 
-# For docker compose: .env.example with a password of its own in each empty *_PASSWORD=, mode 600.
+# For docker compose: .env.example with a password of its own in each empty *_PASSWORD=, mode 600,
+# and the local CA and certificate that its services show (.data/tls).
 .env:
 	umask 077; $(PYTHON) -c 'import re, secrets, sys; sys.stdout.write(re.sub(r"(?m)^(\w+_PASSWORD)=$$", \
 	  lambda m: m[1] + "=" + secrets.token_urlsafe(24), open(".env.example").read()))' > $@
+	scripts/services tls
 
 demo: venv services
 	scripts/demo

@@ -197,11 +197,10 @@ def _ca_file(name, default):
 
 
 # TLS (README "Security"). With a CA file, the default URLs below are the TLS listeners of
-# scripts/services, whose certificates are verified against it: by default the local CA that
-# scripts/services generated, when there is one.
-# Not with a .env: its passwords are docker compose's, whose services have no TLS.
-_LOCAL_CA = ROOT / ".data" / "tls" / "ca.pem"
-TLS_CA_FILE = _ca_file("TLS_CA_FILE", str(_LOCAL_CA) if _LOCAL_CA.exists() and not (ROOT / ".env").exists() else None)
+# scripts/services and docker-compose.yml, whose certificates are verified against it: by default
+# the local CA that scripts/services generated, when there is one.
+_LOCAL_CA = ROOT / ".data" / "tls" / "ca.pem"  # docker-compose.yml's services show its certificate too
+TLS_CA_FILE = _ca_file("TLS_CA_FILE", str(_LOCAL_CA) if _LOCAL_CA.exists() else None)
 # 1: a URL or an MQTT connection without TLS is a config error (scripts/services, given the same,
 # turns its plain-text listeners off).
 REQUIRE_TLS = _flag("REQUIRE_TLS")

@@ -14,12 +14,22 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 EXAMPLE = (ROOT / ".env.example").read_text()
 
 
-def test_every_file_it_mounts_is_in_the_repository():
+def test_every_file_it_mounts_is_in_the_repository_or_what_scripts_services_tls_makes():
     for name, service in COMPOSE["services"].items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
-            if source.startswith("./"):
+            if source == "./.data/tls":
+                assert {"ca.pem", "server.pem", "server.key"} <= {path.name for path in (ROOT / ".data/tls").iterdir()}
+            elif source.startswith("./"):
                 assert (ROOT / source).exists(), f"{name} mounts {source}"
+
+
+def test_its_brokers_show_the_tls_ports_the_programs_use_by_default():
+    rabbitmq = {port.split(":")[-2] for port in COMPOSE["services"]["rabbitmq"]["ports"]}
+    assert {"5671", "8883"} <= rabbitmq
+    assert "127.0.0.1:27018:27017" in COMPOSE["services"]["mongo"]["ports"]
+    assert all(port.startswith("127.0.0.1:") for service in COMPOSE["services"].values()
+               for port in service.get("ports", []))
 
 
 def test_every_variable_it_needs_is_in_env_example():
@@ -40,10 +50,11 @@ def test_every_broker_user_has_a_password_variable_everywhere():
 
 
 def test_make_env_fills_every_password_and_keeps_it_to_its_owner(tmp_path):
-    subprocess.run(["cp", "Makefile", ".env.example", str(tmp_path)], cwd=ROOT, check=True)
+    subprocess.run(["cp", "-r", "Makefile", ".env.example", "scripts", str(tmp_path)], cwd=ROOT, check=True)
     subprocess.run(["make", "-s", ".env"], cwd=tmp_path, check=True, capture_output=True, timeout=60)
     env = (tmp_path / ".env").read_text()
     passwords = re.findall(r"(?m)^\w+_PASSWORD=(.*)$", env)
     assert len(passwords) == len(re.findall(r"(?m)^\w+_PASSWORD=$", EXAMPLE)) >= 5
     assert all(len(password) >= 32 for password in passwords) and len(set(passwords)) == len(passwords)
     assert (tmp_path / ".env").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / ".data/tls/ca.key").stat().st_mode & 0o777 == 0o600  # and it made the CA
