@@ -189,8 +189,9 @@ def _flag(name):
 
 
 def _ca_file(name, default):
-    """A readable file of CA certificates (PEM), or `default` (a path or None) when unset."""
-    value = os.environ.get(name) or default
+    """A readable file of CA certificates (PEM); `default` (a path or None) when unset; None when
+    set empty (no TLS)."""
+    value = os.environ[name] if name in os.environ else default
     if value and not os.access(value, os.R_OK):
         _fail(name, value, "a readable file of CA certificates (PEM)")
     return value

@@ -34,7 +34,7 @@ import pika
 import pymongo
 from pika.adapters.utils import io_services_utils
 from pika.exceptions import (AMQPConnectionError, ChannelClosedByBroker, ConnectionBlockedTimeout, ConnectionClosedByBroker,
-                             ProbableAuthenticationError)
+                             ProbableAccessDeniedError, ProbableAuthenticationError)
 from pymongo.errors import ConfigurationError, OperationFailure, PyMongoError
 
 import config
@@ -287,6 +287,9 @@ class StatusServer:
         except ProbableAuthenticationError as error:
             LOG.error("RabbitMQ refused the credentials in RABBITMQ_URL: %s", error)
             raise SystemExit(1) from None
+        except ProbableAccessDeniedError as error:  # a vhost the user may not use, or none of that name
+            LOG.error("RabbitMQ refused access to the vhost of RABBITMQ_URL: %s", error)
+            raise SystemExit(1) from None
         except ssl.SSLCertVerificationError as error:  # retrying with the same CA cannot help either
             LOG.error("RabbitMQ's certificate failed verification against the CA of RABBITMQ_URL: %s", error)
             raise SystemExit(1) from None
@@ -307,10 +310,15 @@ class StatusServer:
 
     @staticmethod
     def _declare_topology(channel):
-        """EXCHANGE is rabbitmq/definitions.json's, which this server only checks exists (a passive
-        declare): the user `pipeline` may bind to it but neither declare nor delete it. Its
-        alternate exchange comes from a policy of the same file."""
+        """The exchanges, queues and bindings this server reads and writes. The shipped ones are
+        rabbitmq/definitions.json's (the same arguments as below): the user `pipeline` may consume
+        and dead-letter, but neither declare nor bind, since a binding of its own could route its
+        dead letters into QUEUE, as any device. So what exists is only checked (passive declares);
+        what does not (a QUEUE of your own) is declared and bound here, by a user allowed to.
+        EXCHANGE is always only checked; its alternate exchange comes from a policy."""
         channel.exchange_declare(config.EXCHANGE, passive=True)
+        if StatusServer._topology_exists(channel.connection):
+            return
         channel.exchange_declare(DEAD_LETTER_EXCHANGE, exchange_type="fanout", durable=True)
         channel.queue_declare(DEAD_LETTER_QUEUE, durable=True)
         channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
@@ -325,6 +333,23 @@ class StatusServer:
         channel.exchange_declare(UNROUTABLE_EXCHANGE, exchange_type="fanout", durable=True)
         channel.queue_declare(UNROUTABLE_QUEUE, durable=True, arguments=arguments)
         channel.queue_bind(UNROUTABLE_QUEUE, UNROUTABLE_EXCHANGE)
+
+    @staticmethod
+    def _topology_exists(connection):
+        """Whether every queue and exchange of _declare_topology exists; on a channel of its own,
+        which the broker closes at the first one missing (404)."""
+        channel = connection.channel()
+        try:
+            for exchange in (DEAD_LETTER_EXCHANGE, UNROUTABLE_EXCHANGE):
+                channel.exchange_declare(exchange, passive=True)
+            for name in (DEAD_LETTER_QUEUE, config.QUEUE, UNROUTABLE_QUEUE):
+                channel.queue_declare(name, passive=True)
+        except ChannelClosedByBroker as error:
+            if error.reply_code != 404:
+                raise
+            return False
+        channel.close()
+        return True
 
     def _create_indexes(self):
         delay, failing_since = 1.0, None

@@ -41,7 +41,8 @@ _admin = urllib.parse.urlsplit(RABBITMQ_URL)
 _spec = importlib.util.spec_from_file_location("apply_definitions", ROOT / "rabbitmq" / "apply_definitions.py")
 apply_definitions = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(apply_definitions)
-ADMIN_API = apply_definitions.ManagementAPI(f"http://{_admin.hostname}:15672", _admin.username,
+ADMIN_API_USER = _admin.username
+ADMIN_API = apply_definitions.ManagementAPI(f"http://{_admin.hostname}:15672", ADMIN_API_USER,
                                             urllib.parse.unquote(_admin.password))
 MQTT_VHOST = f"status-pipeline-tests-{uuid.uuid4().hex[:8]}"  # with the broker settings as shipped
 MQTT_OPEN_VHOST = f"{MQTT_VHOST}-open"  # the same without topic permissions, as for a user given none
@@ -86,12 +87,14 @@ def management(method, path, body=None):
         pytest.fail(f"RabbitMQ management API: {method} {path} failed ({error}); run scripts/services up")
 
 
-def definitions_in(vhost, users):
-    """The settings rabbitmq/definitions.json gives vhost `/`, for `vhost`, each user renamed as
-    `users` says and the users it does not name left out: the shipped rules, in a vhost of a test."""
+def definitions_in(vhost, users, keys=("permissions", "topic_permissions", "exchanges", "policies", "queues",
+                                        "bindings")):
+    """The settings rabbitmq/definitions.json gives vhost `/` (those of `keys`), for `vhost`, each
+    user renamed as `users` says and the users it does not name left out: the shipped rules, in a
+    vhost of a test."""
     definitions = json.loads((ROOT / "rabbitmq" / "definitions.json").read_text())
     settings = {}
-    for key in ("permissions", "topic_permissions", "exchanges", "policies"):
+    for key in keys:
         assert all(item["vhost"] == "/" for item in definitions[key])
         settings[key] = [dict(item, vhost=vhost, **({"user": users[item["user"]]} if "user" in item else {}))
                          for item in definitions[key] if item.get("user", "") in users or "user" not in item]
@@ -296,7 +299,9 @@ def own_vhost(vhost, topic_permissions):
     or without; yield its AMQP URL (as admin), then delete it with everything in it."""
     management("PUT", f"/vhosts/{quoted(vhost)}", {})
     management("PUT", f"/permissions/{quoted(vhost)}/{_admin.username}", {"configure": ".*", "write": ".*", "read": ".*"})
-    settings = definitions_in(vhost, {"publisher": MQTT_USER})
+    # Not the shipped queues: status_queue would receive every test message there.
+    settings = definitions_in(vhost, {"publisher": MQTT_USER}, ("permissions", "topic_permissions", "exchanges",
+                                                                "policies"))
     if not topic_permissions:
         settings["topic_permissions"] = []
     management("POST", "/definitions", settings)

@@ -14,7 +14,7 @@ import pytest
 from pika.exceptions import ChannelClosedByBroker, ProbableAccessDeniedError, ProbableAuthenticationError
 
 import config
-from conftest import ADMIN_API, ROOT, Pipeline, add_secret, apply_definitions, definitions_in, management, quoted, wait_until
+from conftest import ADMIN_API, ADMIN_API_USER, ROOT, Pipeline, add_secret, apply_definitions, definitions_in, management, quoted, wait_until
 from test_mqtt import mosquitto_pub
 
 # The connection a refused MQTT PUBLISH ends with (MQTT 3.1.1 cannot refuse one otherwise).
@@ -68,10 +68,31 @@ def test_the_pipeline_user_cannot_publish_as_a_device(routing_key):
     assert "pipeline" in text
 
 
-@pytest.mark.parametrize("queue", ["other_queue", "status_queue_x", "amq.gen-abc"])
-def test_the_pipeline_user_cannot_declare_queues_not_its_own(queue):
-    code, text = refused(user_url("pipeline"), lambda channel: channel.queue_declare(queue))
+@pytest.mark.parametrize("action", [
+    lambda channel: channel.queue_declare("other_queue"),
+    lambda channel: channel.queue_declare("status_queue", durable=True, arguments={"x-queue-type": "quorum"}),
+    lambda channel: channel.exchange_declare("status_queue", exchange_type="fanout"),
+    # what would route its dead letters into status_queue, as any device:
+    lambda channel: channel.queue_bind("status_queue", "status_queue.dlx"),
+    lambda channel: channel.queue_bind("status_queue", "status_exchange", "x.#"),
+    lambda channel: channel.exchange_delete("status_exchange"),
+    lambda channel: channel.queue_delete("status_queue.dead"),
+], ids=["declare a queue", "declare its queue", "declare an exchange", "bind to its dead-letter exchange",
+        "bind another key", "delete the exchange", "delete its dead-letter queue"])
+def test_the_pipeline_user_can_neither_declare_bind_nor_delete(action):
+    code, text = refused(user_url("pipeline"), action)
     assert code == 403, text
+
+
+def test_the_shipped_queues_have_the_arguments_server_py_gives_its_own():
+    """rabbitmq/definitions.json declares status_queue and status_queue.unroutable, which server.py
+    declares for a QUEUE of your own: the same queue type, delivery limit and dead-letter exchange."""
+    from server import DEAD_LETTER_EXCHANGE, DELIVERY_LIMIT
+
+    definitions = apply_definitions.json.loads(apply_definitions.DEFINITIONS.read_text())
+    arguments = {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT, "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
+    queues = {queue["name"]: queue["arguments"] for queue in definitions["queues"]}
+    assert queues == {"status_queue": arguments, "status_queue.unroutable": arguments, "status_queue.dead": {}}
 
 
 @pytest.mark.parametrize("user", ["publisher", "pipeline", "admin", "guest"])
@@ -158,10 +179,15 @@ def secured(mongo, tmp_path):
     definitions["device_permissions"]["vhost"] = vhost
     device = f"t{suffix}-device"
     device_password = add_secret(apply_definitions.add_device(ADMIN_API, definitions, device))
-    pipeline = Pipeline(mongo, pika.BlockingConnection(pika.URLParameters(urls["pipeline"])), tmp_path,
-                        exchange="status_exchange", amqp_url=urls["pipeline"])
-    pipeline.env.update(QUEUE="status_queue", MQTT_USERNAME=f"{vhost}:{device}", MQTT_PASSWORD=device_password)
-    pipeline.queue, pipeline.dead_letter_queue = "status_queue", "status_queue.dead"
+    # The test looks at queues as admin; the programs it starts log in as the least-privileged users.
+    management("PUT", f"/permissions/{quoted(vhost)}/{ADMIN_API_USER}", {"configure": ".*", "write": ".*", "read": ".*"})
+    admin = config.local_amqp_url(ADMIN_API_USER, os.environ["RABBITMQ_ADMIN_PASSWORD"], vhost)
+    pipeline = Pipeline(mongo, pika.BlockingConnection(pika.URLParameters(admin)), tmp_path,
+                        exchange="status_exchange", amqp_url=admin)
+    pipeline.env.update(RABBITMQ_URL=urls["pipeline"], QUEUE="status_queue", MQTT_USERNAME=f"{vhost}:{device}",
+                        MQTT_PASSWORD=device_password)
+    pipeline.queue, pipeline.dead_letter_queue, pipeline.unroutable_queue = \
+        "status_queue", "status_queue.dead", "status_queue.unroutable"
     yield pipeline, urls, (device, device_password)
     pipeline.close()
     for name in [*users.values(), device]:
@@ -223,3 +249,20 @@ def test_no_password_shows_in_a_log_through_a_refused_login_a_bad_url_a_reconnec
 def management_connections(user):
     """Names of the broker's connections of `user` (the management API's list lags a few seconds)."""
     return [connection["name"] for connection in management("GET", "/connections") if connection["user"] == user]
+
+
+def test_every_port_of_the_services_listens_on_loopback_only():
+    """The brokers', the store's, and Erlang's port mapper (4369) and distribution port (25672)."""
+    listening = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, check=True).stdout.split("\n")
+    ports = {"4369", "25672", "5671", "5672", "1883", "8883", "15672", "27017", "27018"}
+    found = [line.split()[3] for line in listening if line and line.split()[3].rpartition(":")[2] in ports]
+    assert {address.rpartition(":")[2] for address in found} >= {"4369", "25672", "5671", "8883", "15672", "27018"}
+    assert all(address.rpartition(":")[0] in ("127.0.0.1", "[::1]") for address in found), found
+
+
+def test_the_services_files_are_their_owners_only():
+    data = ROOT / ".data"
+    modes = {path: (data / path).stat().st_mode & 0o777 for path in
+             ("secrets.env", "mongo", "rabbitmq", "rabbitmq/rabbitmq.conf", "tls/ca.key")}
+    assert modes == {path: 0o600 if "." in path else 0o700 for path in modes}, modes
+    assert (data / "tls/server.key").stat().st_mode & 0o007 == 0
