@@ -287,7 +287,10 @@ class StatusServer:
         except ProbableAuthenticationError as error:
             LOG.error("RabbitMQ refused the credentials in RABBITMQ_URL: %s", error)
             raise SystemExit(1) from None
-        except ProbableAccessDeniedError as error:  # a vhost the user may not use, or none of that name
+        except ProbableAccessDeniedError as error:
+            # pika says so of any connection closed while it is opened; only these two are for good.
+            if "not found" not in str(error) and "refused for user" not in str(error):
+                raise
             LOG.error("RabbitMQ refused access to the vhost of RABBITMQ_URL: %s", error)
             raise SystemExit(1) from None
         except ssl.SSLCertVerificationError as error:  # retrying with the same CA cannot help either
@@ -313,26 +316,40 @@ class StatusServer:
         """The exchanges, queues and bindings this server reads and writes. The shipped ones are
         rabbitmq/definitions.json's (the same arguments as below): the user `pipeline` may consume
         and dead-letter, but neither declare nor bind, since a binding of its own could route its
-        dead letters into QUEUE, as any device. So what exists is only checked (passive declares);
-        what does not (a QUEUE of your own) is declared and bound here, by a user allowed to.
+        dead letters into QUEUE, as any device. So the queues and exchanges are only checked
+        (passive declares) when they all exist, and declared when one is missing (a QUEUE of your
+        own), which needs a user allowed to; the bindings are made again by a user who may (a
+        ROUTING_KEY of your own, or one lost), and left to the definitions by one who may not.
         EXCHANGE is always only checked; its alternate exchange comes from a policy."""
         channel.exchange_declare(config.EXCHANGE, passive=True)
-        if StatusServer._topology_exists(channel.connection):
+        if not StatusServer._topology_exists(channel.connection):
+            channel.exchange_declare(DEAD_LETTER_EXCHANGE, exchange_type="fanout", durable=True)
+            channel.queue_declare(DEAD_LETTER_QUEUE, durable=True)
+            arguments = {
+                "x-queue-type": "quorum",
+                "x-delivery-limit": DELIVERY_LIMIT,
+                "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+            }
+            channel.queue_declare(config.QUEUE, durable=True, arguments=arguments)
+            channel.exchange_declare(UNROUTABLE_EXCHANGE, exchange_type="fanout", durable=True)
+            channel.queue_declare(UNROUTABLE_QUEUE, durable=True, arguments=arguments)
+        StatusServer._bind(channel.connection)
+
+    @staticmethod
+    def _bind(connection):
+        """The bindings of _declare_topology, on a channel of their own, which a user who may not
+        bind (403) ends: the definitions have made them."""
+        channel = connection.channel()
+        try:
+            channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
+            channel.queue_bind(config.QUEUE, config.EXCHANGE, routing_key=config.ROUTING_KEY)
+            channel.queue_bind(config.QUEUE, config.EXCHANGE, routing_key=DEVICE_ROUTING_KEY)
+            channel.queue_bind(UNROUTABLE_QUEUE, UNROUTABLE_EXCHANGE)
+        except ChannelClosedByBroker as error:
+            if error.reply_code != 403:
+                raise
             return
-        channel.exchange_declare(DEAD_LETTER_EXCHANGE, exchange_type="fanout", durable=True)
-        channel.queue_declare(DEAD_LETTER_QUEUE, durable=True)
-        channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
-        arguments = {
-            "x-queue-type": "quorum",
-            "x-delivery-limit": DELIVERY_LIMIT,
-            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
-        }
-        channel.queue_declare(config.QUEUE, durable=True, arguments=arguments)
-        channel.queue_bind(config.QUEUE, config.EXCHANGE, routing_key=config.ROUTING_KEY)
-        channel.queue_bind(config.QUEUE, config.EXCHANGE, routing_key=DEVICE_ROUTING_KEY)
-        channel.exchange_declare(UNROUTABLE_EXCHANGE, exchange_type="fanout", durable=True)
-        channel.queue_declare(UNROUTABLE_QUEUE, durable=True, arguments=arguments)
-        channel.queue_bind(UNROUTABLE_QUEUE, UNROUTABLE_EXCHANGE)
+        channel.close()
 
     @staticmethod
     def _topology_exists(connection):

@@ -1,6 +1,6 @@
 """Load rabbitmq/definitions.json into a running broker through its management HTTP API.
 
-    python3 rabbitmq/apply_definitions.py               users, permissions, exchange, policies
+    python3 rabbitmq/apply_definitions.py               users, permissions, topology, policies
     python3 rabbitmq/apply_definitions.py add-device NAME   a device user; prints its password once
 
 Run by `scripts/services up` and by docker-compose.yml's one-shot `rabbitmq-definitions`
@@ -99,11 +99,29 @@ def apply(api, definitions):
         api.call("PUT", f"/users/{quoted(user['name'])}", {"password": password, "tags": user["tags"]})
     rest = {key: value for key, value in definitions.items() if key not in ("users", "device_permissions")}
     api.call("POST", "/definitions", rest)
+    remove_other_bindings(api, definitions)
     try:
         api.call("DELETE", "/users/guest")
     except urllib.error.HTTPError as error:
         if error.code != 404:
             raise
+
+
+def remove_other_bindings(api, definitions):
+    """Importing only adds: a binding into one of the file's queues that the file does not list (one
+    made under broader permissions, say into status_queue from the dead-letter exchange) is deleted."""
+    listed = {(binding["vhost"], binding["source"], binding["destination"], binding["routing_key"])
+              for binding in definitions["bindings"]}
+    queues = {(queue["vhost"], queue["name"]) for queue in definitions["queues"]}
+    for vhost in {vhost for vhost, _ in queues}:
+        for binding in api.call("GET", f"/bindings/{quoted(vhost)}"):
+            key = (vhost, binding["source"], binding["destination"], binding["routing_key"])
+            if (binding["destination_type"] == "queue" and (vhost, binding["destination"]) in queues
+                    and binding["source"] and key not in listed):  # "": the default exchange's, implicit
+                api.call("DELETE", f"/bindings/{quoted(vhost)}/e/{quoted(binding['source'])}/q/"
+                                   f"{quoted(binding['destination'])}/{quoted(binding['properties_key'])}")
+                print(f"apply_definitions: deleted the binding {binding['source']} -> {binding['destination']} "
+                      f"({binding['routing_key']!r}), which rabbitmq/definitions.json does not list")
 
 
 def add_device(api, definitions, name):

@@ -266,3 +266,15 @@ def test_the_services_files_are_their_owners_only():
              ("secrets.env", "mongo", "rabbitmq", "rabbitmq/rabbitmq.conf", "tls/ca.key")}
     assert modes == {path: 0o600 if "." in path else 0o700 for path in modes}, modes
     assert (data / "tls/server.key").stat().st_mode & 0o007 == 0
+
+
+def test_up_deletes_a_binding_into_the_pipelines_queues_that_the_definitions_do_not_list(amqp_connection):
+    """As one that `pipeline` could make before it lost the right to bind: its dead letters into status_queue."""
+    channel = amqp_connection.channel()
+    channel.queue_bind("status_queue", "status_queue.dlx")
+    up = subprocess.run([str(ROOT / "scripts/services"), "up", "rabbitmq"], capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stderr
+    assert "deleted the binding status_queue.dlx -> status_queue" in up.stdout
+    bindings = {(binding["source"], binding["destination"]) for binding in management("GET", "/bindings/%2F")}
+    assert ("status_queue.dlx", "status_queue") not in bindings
+    assert {("status_exchange", "status_queue"), ("status_queue.dlx", "status_queue.dead")} <= bindings
