@@ -210,8 +210,7 @@ REQUIRE_TLS = _flag("REQUIRE_TLS")
 def _local_mongodb_uri():
     """The MongoDB user `app` of scripts/services (FerretDB) and docker-compose.yml (mongo:7),
     whose password is MONGO_APP_PASSWORD, without one no user; in plain text on 127.0.0.1, or with
-    REQUIRE_TLS over TLS (port 27018) against TLS_CA_FILE. Not TLS by default: FerretDB 1.24.2's
-    TLS listener failed connections under the test suite's load ("bad record MAC", README "Security")."""
+    REQUIRE_TLS over TLS (port 27018) against TLS_CA_FILE (README "Security": why not by default)."""
     password = os.environ.get("MONGO_APP_PASSWORD")
     user = f"app:{quote(password, safe='')}@" if password else ""
     options = ["authSource=admin"] if password else []
