@@ -109,9 +109,13 @@ class AmqpPublisher:
     confirm_log_level = logging.INFO
 
     def __init__(self, amqp_url, count, interval, window, device_id, give_up_seconds, messages=None):
-        self._parameters = pika.URLParameters(amqp_url)
-        self._parameters.heartbeat = 30
-        self._parameters.blocked_connection_timeout = 60
+        # Several URLs (comma-separated): the nodes of a cluster, from the first that answers on.
+        self._nodes = config.amqp_parameters(amqp_url)
+        for parameters in self._nodes:
+            parameters.heartbeat = config.RABBITMQ_HEARTBEAT_SECONDS
+            parameters.blocked_connection_timeout = 60
+        self._node = 0  # index of the node connected to, or tried next
+        self._attempts = 0  # connections tried since the last one that opened
         self._remaining = count  # None: until stopped
         self._interval = interval
         self._window = window
@@ -138,7 +142,7 @@ class AmqpPublisher:
     def run(self):
         while True:
             self._connection = pika.SelectConnection(
-                self._parameters, on_open_callback=self._on_connection_open,
+                self._nodes[self._node], on_open_callback=self._on_connection_open,
                 on_open_error_callback=self._on_connection_open_error, on_close_callback=self._on_connection_closed)
             self._connection.ioloop.start()
             if self._finished() or self.connection_refused:
@@ -150,6 +154,12 @@ class AmqpPublisher:
                 LOG.error("gave up: RabbitMQ unreachable for %ds, %d messages unconfirmed",
                           self._give_up_seconds, self.unconfirmed)
                 return
+            # The next node at once; a pause only once every node has been tried since the last
+            # connection that opened (with one node, before each attempt).
+            self._attempts += 1
+            self._node = (self._node + 1) % len(self._nodes)
+            if self._attempts % len(self._nodes):
+                continue
             delay = self._delay * random.uniform(0.5, 1.5)
             LOG.info("reconnecting in %.1fs", delay)
             time.sleep(delay)
@@ -189,13 +199,13 @@ class AmqpPublisher:
             LOG.error("RabbitMQ's certificate failed verification against the CA of RABBITMQ_URL: %s", certificate_error)
             self.connection_refused = True  # nor with the same CA
         else:
-            self._went_down(f"cannot connect to RabbitMQ ({error!r})")
+            self._went_down(f"cannot connect to RabbitMQ at {config.node_name(self._nodes[self._node])} ({error!r})")
         connection.ioloop.stop()
 
     def _on_connection_closed(self, connection, reason):
         self._channel = None
         if not self._finished():
-            self._went_down(f"connection to RabbitMQ lost ({reason})")
+            self._went_down(f"connection to RabbitMQ at {config.node_name(self._nodes[self._node])} lost ({reason})")
         connection.ioloop.stop()
 
     def _went_down(self, why):
@@ -217,10 +227,13 @@ class AmqpPublisher:
                                                                              callback=self._on_confirm_mode))
 
     def _on_confirm_mode(self, _):
+        self._attempts = 0
+        node = config.node_name(self._nodes[self._node])
         if self._down_since is not None:
-            LOG.info("connected to RabbitMQ again after %.1fs", time.monotonic() - self._down_since)
+            LOG.info("connected to RabbitMQ at %s again after %.1fs", node, time.monotonic() - self._down_since)
         else:
-            LOG.info("connected to RabbitMQ, publishing to %s with key %s", config.EXCHANGE, config.ROUTING_KEY)
+            LOG.info("connected to RabbitMQ at %s, publishing to %s with key %s", node, config.EXCHANGE,
+                     config.ROUTING_KEY)
         self._down_since = None
         self._next_tag = 1
         self._next_due = time.monotonic()
@@ -348,6 +361,7 @@ class MqttPublisher:
         self._client.reconnect_delay_set(1, 30)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_connect_fail = self._next_node
         self._client.on_publish = self._on_publish
         self._lock = threading.Lock()
         self._in_flight = {}  # paho mid -> (message_id, status)
@@ -372,10 +386,13 @@ class MqttPublisher:
         return self._closed_at_publish >= TOPIC_REFUSED_CONNECTIONS
 
     def run(self):
-        try:
-            self._client.connect(config.MQTT_HOST, config.MQTT_PORT, keepalive=30)
-        except OSError as error:
-            LOG.error("cannot connect to MQTT at %s:%d: %s", config.MQTT_HOST, config.MQTT_PORT, error)
+        for host, port in config.MQTT_HOSTS:  # the first that answers
+            try:
+                self._client.connect(host, port, keepalive=30)
+                break
+            except OSError as error:
+                LOG.error("cannot connect to MQTT at %s:%d: %s", host, port, error)
+        else:
             self.refused = max(self._remaining or 0, 1)
             return
         self._client.loop_start()
@@ -432,10 +449,11 @@ class MqttPublisher:
                 client.disconnect()  # no reconnecting
             return
         if self._down_since is not None:
-            LOG.info("connected to MQTT again after %.1fs", time.monotonic() - self._down_since)
+            LOG.info("connected to MQTT at %s:%d again after %.1fs", client.host, client.port,
+                     time.monotonic() - self._down_since)
         else:
             LOG.info("connected to MQTT%s at %s:%d, publishing to topic %s (QoS %d)", " over TLS" if config.MQTT_TLS_CA
-                     else "", config.MQTT_HOST, config.MQTT_PORT, self._topic, self._qos)
+                     else "", client.host, client.port, self._topic, self._qos)
         self._down_since = None
         self._confirmed_at_connect = self.confirmed
         self._connected_at = time.monotonic()
@@ -452,9 +470,18 @@ class MqttPublisher:
             return
         if self._in_flight or self._remaining != 0:
             if self._down_since is None:
-                LOG.warning("MQTT connection lost (%s); %d messages in flight will be resent",
-                            reason_code, len(self._in_flight))
+                LOG.warning("MQTT connection to %s:%d lost (%s); %d messages in flight will be resent",
+                            client.host, client.port, reason_code, len(self._in_flight))
             self._down_since = self._down_since or time.monotonic()
+            self._next_node(client)
+
+    def _next_node(self, client, userdata=None):
+        """paho reconnects to client.host: with several MQTT_HOST, the next one (paho's thread, the
+        connection closed, which is when paho lets them change)."""
+        if len(config.MQTT_HOSTS) > 1:
+            index = config.MQTT_HOSTS.index((client.host, client.port)) if (client.host, client.port) in config.MQTT_HOSTS else -1
+            client.host, client.port = config.MQTT_HOSTS[(index + 1) % len(config.MQTT_HOSTS)]
+            LOG.debug("next MQTT attempt: %s:%d", client.host, client.port)
 
     def _track(self, mid, message):
         # The PUBACK can arrive (on paho's thread) before publish() has returned the mid.

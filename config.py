@@ -225,9 +225,25 @@ def _over_tls(name, value, uses_tls):
     return value
 
 
+def _amqp_urls(name):
+    """The URLs of `name`, comma-separated: the nodes of a cluster, tried in turn (a comma inside
+    one, in a password say, is written %2C). Unset: None."""
+    value = os.environ.get(name)
+    if not value:
+        return None
+    urls = [url.strip() for url in value.split(",")]
+    for url in urls:
+        os.environ[name] = url  # each checked, and shown in an error, alone
+        try:
+            _url(name, None, ("amqp", "amqps"), _amqp_url)
+            _over_tls(name, url, url.startswith("amqps://"))
+        finally:
+            os.environ[name] = value
+    return ",".join(urls)
+
+
 # Set, every program logs in to RabbitMQ with it; unset, each as its own user (rabbitmq_url()).
-RABBITMQ_URL = _url("RABBITMQ_URL", None, ("amqp", "amqps"), _amqp_url)
-_over_tls("RABBITMQ_URL", RABBITMQ_URL, (RABBITMQ_URL or "").startswith("amqps://"))
+RABBITMQ_URL = _amqp_urls("RABBITMQ_URL")
 MONGO_URI = _url("MONGO_URI", _local_mongodb_uri(), ("mongodb", "mongodb+srv"), _mongodb_uri)
 _MONGO_OPTIONS = [option.lower() for option in urlsplit(MONGO_URI).query.split("&")]
 _over_tls("MONGO_URI", MONGO_URI, not {"tls=false", "ssl=false"} & set(_MONGO_OPTIONS) and (
@@ -258,17 +274,39 @@ API_TOKEN = _bearer_token("API_TOKEN")
 # Next to API_PORT: 9100, the first of Prometheus' exporter ports, is node_exporter's on many hosts.
 METRICS_HOST = _name("METRICS_HOST", "127.0.0.1")
 METRICS_PORT = _port_or_zero("METRICS_PORT", 5001)
-MQTT_HOST = _name("MQTT_HOST", "localhost")
 # Set (by default TLS_CA_FILE), MQTT goes over TLS, the broker's certificate verified against it.
 MQTT_TLS_CA = _ca_file("MQTT_TLS_CA", TLS_CA_FILE)
 MQTT_PORT = _whole_number("MQTT_PORT", 8883 if MQTT_TLS_CA else 1883, 65535, "a port number")
+
+
+def _host_ports(name, default, port):
+    """[(host, port)] from `name`: comma-separated host or host:port ([v6]:port), `port` where
+    none is given; the nodes of a cluster, tried in turn."""
+    value = os.environ.get(name, default)
+    pairs = []
+    for item in value.split(","):
+        item = item.strip()
+        host, colon, number = item.rpartition(":") if not item.endswith("]") else ("", "", "")
+        if not colon or ":" in host and not host.startswith("["):  # no port, or a bare IPv6 address
+            host, number = item, str(port)
+        host = host.removeprefix("[").removesuffix("]")
+        if (not host or " " in host or not host.isprintable() or not (number.isascii() and number.isdigit())
+                or not 1 <= int(number) <= 65535):
+            _fail(name, value, "host or host:port, several separated by commas (localhost:1883,localhost:1884)")
+        pairs.append((host, int(number)))
+    return pairs
+
+
+# MQTT_HOST=localhost, or the nodes of a cluster: localhost:1883,localhost:1884,localhost:1885.
+MQTT_HOSTS = _host_ports("MQTT_HOST", "localhost", MQTT_PORT)
+MQTT_HOST, MQTT_PORT = MQTT_HOSTS[0]
 # A device's user (scripts/services add-device NAME), which may publish to devices/NAME/status only.
 MQTT_USERNAME = _name("MQTT_USERNAME", "") if os.environ.get("MQTT_USERNAME") else None
 MQTT_PASSWORD = os.environ.get("MQTT_PASSWORD", "")
 
 
 def rabbitmq_url(user):
-    """RABBITMQ_URL when set; else the local broker (localhost:5672, or amqps on 5671 with
+    """RABBITMQ_URL when set (one URL, or several separated by commas); else the local broker (localhost:5672, or amqps on 5671 with
     TLS_CA_FILE; vhost /) as `user` of rabbitmq/definitions.json: admin, publisher (client.py) or
     pipeline (server.py), with the password in RABBITMQ_<USER>_PASSWORD. Neither set: exits with a
     config error saying what to do."""
@@ -282,6 +320,18 @@ def rabbitmq_url(user):
     if REQUIRE_TLS and not TLS_CA_FILE:
         sys.exit("config error: REQUIRE_TLS=1, and there is neither RABBITMQ_URL nor TLS_CA_FILE to reach RabbitMQ over TLS")
     return local_amqp_url(user, password)
+
+
+def amqp_parameters(urls):
+    """pika.URLParameters for each of `urls`, comma-separated (rabbitmq_url()'s): the nodes to try in turn."""
+    import pika
+
+    return [pika.URLParameters(url) for url in urls.split(",")]
+
+
+def node_name(parameters):
+    """host:port of a pika.ConnectionParameters, as logs show a node."""
+    return f"{parameters.host}:{parameters.port}"
 
 
 def local_amqp_url(user, password, vhost="/"):

@@ -60,6 +60,18 @@ ONE_AT_A_TIME_SECONDS = 10
 # A message that kills the server before it is acknowledged comes back with a growing
 # delivery count; after this many deliveries the broker dead-letters it.
 DELIVERY_LIMIT = 20
+# On a cluster every queue of this server is a quorum queue with a member on three nodes (on fewer,
+# one on each): a message survives the loss of any one node, and the queue stays available while
+# a majority of its members runs. The dead-letter queue too, since its messages are the ones that
+# need a person: an earlier version's classic one is moved over (_migrate_dead_letter_queue).
+QUORUM_GROUP_SIZE = 3
+QUEUE_ARGUMENTS = {
+    "x-queue-type": "quorum",
+    "x-quorum-initial-group-size": QUORUM_GROUP_SIZE,
+    "x-delivery-limit": DELIVERY_LIMIT,
+    "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+}
+DEAD_LETTER_QUEUE_ARGUMENTS = {"x-queue-type": "quorum", "x-quorum-initial-group-size": QUORUM_GROUP_SIZE}
 BATCH_SIZE = 2000
 # A batch is written once it is full or this old. Each batch costs the store three writes (its
 # intent, its documents, its record) and leaves two documents in the counts log that every count
@@ -91,6 +103,10 @@ io_services_utils._AsyncTransportBase._MAX_RECV_BYTES = RECV_BYTES
 
 class ConsumerCancelled(Exception):
     """RabbitMQ cancelled the consumer (consumer_cancel_notify): its queue was deleted, or moved."""
+
+
+class TopologyMissing(Exception):
+    """A dead letter came back unroutable: DEAD_LETTER_QUEUE or its binding is gone."""
 
 
 class Metrics:
@@ -152,13 +168,16 @@ class StatusServer:
         self._metrics = metrics or Metrics()
         self._fold = fold  # one process of a server.py folds the counts; its children do not
         # Unless RABBITMQ_URL says otherwise, as the user `pipeline` (rabbitmq/definitions.json).
-        self._parameters = pika.URLParameters(amqp_url or config.rabbitmq_url("pipeline"))
-        # pika answers heartbeats only inside process_data_events: the main thread never
-        # blocks outside it for more than a fraction of this (one delivery burst).
-        self._parameters.heartbeat = config.RABBITMQ_HEARTBEAT_SECONDS
-        # A memory or disk alarm blocks a connection that publishes (a dead letter) and stops
-        # reading from it, acknowledgements included: past this pika gives up on it.
-        self._parameters.blocked_connection_timeout = config.RABBITMQ_BLOCKED_SECONDS
+        # Several URLs: the nodes of a cluster, tried in turn from the first.
+        self._nodes = config.amqp_parameters(amqp_url or config.rabbitmq_url("pipeline"))
+        self._node = 0  # index of the node connected to, or tried first next time
+        for parameters in self._nodes:
+            # pika answers heartbeats only inside process_data_events: the main thread never
+            # blocks outside it for more than a fraction of this (one delivery burst).
+            parameters.heartbeat = config.RABBITMQ_HEARTBEAT_SECONDS
+            # A memory or disk alarm blocks a connection that publishes (a dead letter) and stops
+            # reading from it, acknowledgements included: past this pika gives up on it.
+            parameters.blocked_connection_timeout = config.RABBITMQ_BLOCKED_SECONDS
         self._fault_hook = fault_hook or (lambda point, detail=None: None)
         self._batch_writer = counts.BatchWriter(collection, fault_hook=self._fault_hook,
                                                 timeout_seconds=config.MONGO_WRITE_TIMEOUT_SECONDS)
@@ -219,6 +238,8 @@ class StatusServer:
                                 else f"cannot connect to RabbitMQ ({error!r})")
             except ConsumerCancelled:
                 self._went_down(f"RabbitMQ cancelled the consumer of {config.QUEUE} (its queue deleted?)")
+            except TopologyMissing as error:
+                self._went_down(str(error))
             except ChannelClosedByBroker as error:
                 if error.reply_code == INTERNAL_ERROR:
                     self._delivery_failed(error)
@@ -252,6 +273,7 @@ class StatusServer:
 
     def _went_down(self, why):
         self._metrics.rabbitmq_up.set(0)
+        self._node = (self._node + 1) % len(self._nodes)  # a lost node is tried last
         if self._down_since is None:
             self._down_since = time.monotonic()
             LOG.warning("%s; reconnecting", why)
@@ -282,8 +304,21 @@ class StatusServer:
             time.sleep(0.1)
 
     def _connect(self):
+        """Connects to the first node that answers, from self._node on; raises what the last one did."""
+        for attempt in range(len(self._nodes)):
+            try:
+                self._connect_to(self._nodes[self._node])
+                return
+            except (AMQPConnectionError, OSError) as error:
+                if attempt == len(self._nodes) - 1:
+                    raise
+                LOG.debug("cannot connect to RabbitMQ at %s (%r); trying the next node",
+                          config.node_name(self._nodes[self._node]), error)
+                self._node = (self._node + 1) % len(self._nodes)
+
+    def _connect_to(self, parameters):
         try:
-            self._connection = pika.BlockingConnection(self._parameters)
+            self._connection = pika.BlockingConnection(parameters)
         except ProbableAuthenticationError as error:
             LOG.error("RabbitMQ refused the credentials in RABBITMQ_URL: %s", error)
             raise SystemExit(1) from None
@@ -300,6 +335,8 @@ class StatusServer:
         self._cancelled_by_broker = False
         self._channel.add_on_cancel_callback(self._on_cancelled_by_broker)
         self._declare_topology(self._channel)
+        if self._fold:  # one process of a server.py, not each of its children at once
+            self._migrate_dead_letter_queue(self._connection)
         self._channel.confirm_delivery()  # dead-letter publishes are confirmed before the ack
         self._channel.basic_qos(prefetch_count=1 if self._one_at_a_time else PREFETCH)
         self._metrics.rabbitmq_up.set(1)
@@ -308,8 +345,8 @@ class StatusServer:
             LOG.info("RabbitMQ is back after %.1fs", time.monotonic() - self._down_since)
             self._down_since = None
         LOG.log(logging.DEBUG if self._failed_deliveries > 1 else logging.INFO,  # once per 541 streak
-                "connected to RabbitMQ, consuming %s and %s%s", config.QUEUE, UNROUTABLE_QUEUE,
-                " one message at a time" if self._one_at_a_time else "")
+                "connected to RabbitMQ at %s, consuming %s and %s%s", config.node_name(parameters), config.QUEUE,
+                UNROUTABLE_QUEUE, " one message at a time" if self._one_at_a_time else "")
 
     @staticmethod
     def _declare_topology(channel):
@@ -324,16 +361,49 @@ class StatusServer:
         channel.exchange_declare(config.EXCHANGE, passive=True)
         if not StatusServer._topology_exists(channel.connection):
             channel.exchange_declare(DEAD_LETTER_EXCHANGE, exchange_type="fanout", durable=True)
-            channel.queue_declare(DEAD_LETTER_QUEUE, durable=True)
-            arguments = {
-                "x-queue-type": "quorum",
-                "x-delivery-limit": DELIVERY_LIMIT,
-                "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
-            }
-            channel.queue_declare(config.QUEUE, durable=True, arguments=arguments)
+            channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
+            channel.queue_declare(config.QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)
             channel.exchange_declare(UNROUTABLE_EXCHANGE, exchange_type="fanout", durable=True)
-            channel.queue_declare(UNROUTABLE_QUEUE, durable=True, arguments=arguments)
+            channel.queue_declare(UNROUTABLE_QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)
         StatusServer._bind(channel.connection)
+
+    @staticmethod
+    def _migrate_dead_letter_queue(connection):
+        """Versions before clusters kept DEAD_LETTER_QUEUE as a classic queue, on one node only. An empty
+        one is replaced by the quorum queue (deleted only if still empty, then declared and bound);
+        one that holds messages is kept and used, and the log says how to move them. The user
+        `pipeline` may declare and bind this queue alone; one who may not is left as it is."""
+        channel = connection.channel()
+        try:
+            channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
+            channel.close()
+            return  # a quorum queue already
+        except ChannelClosedByBroker as error:
+            # 406 "inequivalent arg 'x-queue-type' ... received 'quorum' but current is 'classic'"
+            if error.reply_code != 406 or "x-queue-type" not in error.reply_text:
+                LOG.debug("not checking the type of %s: %s", DEAD_LETTER_QUEUE, error)
+                return
+        channel = connection.channel()
+        try:
+            waiting = channel.queue_declare(DEAD_LETTER_QUEUE, passive=True).method.message_count
+            if waiting == 0:
+                channel.queue_delete(DEAD_LETTER_QUEUE, if_empty=True)  # 406 if one arrived meanwhile
+                channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
+                channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
+                channel.close()
+                LOG.warning("replaced the empty classic queue %s of an earlier version by a quorum queue, "
+                            "replicated on a cluster", DEAD_LETTER_QUEUE)
+                return
+        except ChannelClosedByBroker as error:
+            waiting = "some"
+            LOG.debug("migrating %s: %s", DEAD_LETTER_QUEUE, error)
+        else:
+            channel.close()
+        LOG.warning("%s is a classic queue of an earlier version, holding %s messages: on a cluster they live on "
+                    "one node only. To move to the quorum queue this version declares, read or move them (the "
+                    "management UI's Move messages, or a shovel), delete the queue (rabbitmqctl delete_queue %s) "
+                    "and start server.py again; it declares the new one", DEAD_LETTER_QUEUE, waiting,
+                    DEAD_LETTER_QUEUE)
 
     @staticmethod
     def _bind(connection):
@@ -481,7 +551,11 @@ class StatusServer:
         headers[REASON_HEADER] = reason
         headers["x-original-routing-key"] = method.routing_key
         properties.headers = headers
-        self._channel.basic_publish(DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, body, properties)
+        try:  # mandatory: a dead-letter queue that went missing returns it, where it would be dropped
+            self._channel.basic_publish(DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, body, properties, mandatory=True)
+        except pika.exceptions.UnroutableError:
+            raise TopologyMissing(f"no queue is bound to {DEAD_LETTER_EXCHANGE}: the messages in hand go back to "
+                                  f"the queue, and the topology is checked again") from None
         self._channel.basic_ack(method.delivery_tag)
         self._dead += 1
         self._metrics.dead_lettered.labels(kind).inc()
