@@ -10,11 +10,13 @@ client logs exactly as without it.
 Every message is persistent, carries a UUID message_id, and is published with
 publisher confirms and the mandatory flag. Up to --window messages wait for
 their confirm at once, so confirms cost no round trip per message. On a lost
-connection the client reconnects with capped, jittered backoff and republishes
-every unconfirmed message with its original message_id (the server stores it
-once). It exits non-zero only when a message was refused (nacked, refused by
-a topic permission, or unroutable) or when it gave up with messages still
-unconfirmed. Once server.py has declared its topology, the exchange's
+connection the client reconnects with capped, jittered backoff (several
+RABBITMQ_URL, the nodes of a cluster: the next node at once, the pause once all
+were tried) and republishes every unconfirmed message with its original
+message_id (the server stores it once); a nacked message is republished too.
+It exits non-zero only when a message was refused (by a topic permission,
+unroutable, or nacked for longer than --give-up) or when it gave up with
+messages still unconfirmed. Once server.py has declared its topology, the exchange's
 alternate exchange keeps whatever no binding matches: such a message is
 confirmed, and server.py moves it to the dead-letter queue with its reason.
 """
@@ -46,6 +48,14 @@ LOG = logging.getLogger("client")
 # without a PUBACK, that mean "refused" (a broker restarting or a network flapping lasts longer).
 TOPIC_REFUSED_CONNECTIONS = 3
 TOPIC_REFUSED_SECONDS = 5
+KEEPALIVE_SECONDS = 30  # MQTT keep-alive: paho pings a quiet connection, the broker drops one silent for 1.5 times this
+# A nack says the broker could not take the message for now: on a cluster, a quorum queue whose
+# leader is being elected again after its node died. Nacked messages are republished after this
+# pause, doubling up to NACK_RETRY_MOST_SECONDS, for as long as --give-up allows, on a new
+# connection: RabbitMQ 3.10 nacks every later publish of a channel that met the queue without a
+# leader, long after the new one is elected, where a new channel's are confirmed.
+NACK_RETRY_SECONDS = 0.25
+NACK_RETRY_MOST_SECONDS = 8.0
 
 
 def make_message(status, device_id=None):
@@ -127,6 +137,10 @@ class AmqpPublisher:
         self._unconfirmed = OrderedDict()  # delivery tag -> (message_id, status, body)
         self._to_resend = deque()  # (message_id, status, body) from a lost connection
         self._returned = set()
+        self._nacked = deque()  # (message_id, status, body) to republish after a pause
+        self._nacked_since = None  # first nack since the last ack
+        self._nack_delay = NACK_RETRY_SECONDS
+        self._retry_scheduled = False
         self._stopping = False
         self._scheduled = False
         self._next_due = 0.0  # monotonic time at which the next message is due (--interval)
@@ -137,7 +151,7 @@ class AmqpPublisher:
 
     @property
     def unconfirmed(self):
-        return len(self._unconfirmed) + len(self._to_resend)
+        return len(self._unconfirmed) + len(self._to_resend) + len(self._nacked)
 
     def run(self):
         while True:
@@ -175,7 +189,8 @@ class AmqpPublisher:
             self._connection.ioloop.add_callback_threadsafe(self._close_when_finished)
 
     def _finished(self):
-        return (self._remaining == 0 or self._stopping) and not self._unconfirmed and not self._to_resend
+        return (self._remaining == 0 or self._stopping) and not self._unconfirmed and not self._to_resend \
+            and not self._nacked
 
     @staticmethod
     def _random_messages(device_id):
@@ -213,6 +228,9 @@ class AmqpPublisher:
             self._down_since = time.monotonic()
             LOG.warning("%s; %d messages unconfirmed will be republished", why, len(self._unconfirmed))
         self._to_resend.extendleft(reversed(self._unconfirmed.values()))
+        self._to_resend.extend(self._nacked)  # their timer died with the connection's ioloop
+        self._nacked.clear()
+        self._retry_scheduled = False
         self._unconfirmed.clear()
         self._returned.clear()
 
@@ -253,7 +271,7 @@ class AmqpPublisher:
         elif isinstance(reason, ChannelClosedByBroker) and reason.reply_code == 404 and self._down_since is None:
             LOG.warning("exchange %s does not exist (rabbitmq/definitions.json declares it: scripts/services up, "
                         "or server.py); retrying", config.EXCHANGE)
-        elif not self._finished():
+        elif not self._finished() and not isinstance(reason, pika.exceptions.ChannelClosedByClient):
             LOG.warning("channel closed: %s", reason)
         if self._connection.is_open:
             self._connection.close()
@@ -308,7 +326,7 @@ class AmqpPublisher:
         else:
             tags = [confirmation.delivery_tag]
         for tag in tags:
-            message_id, status, _ = self._unconfirmed.pop(tag)
+            message = message_id, status, _ = self._unconfirmed.pop(tag)
             if message_id in self._returned:
                 self._returned.discard(message_id)
                 self.refused += 1
@@ -316,15 +334,38 @@ class AmqpPublisher:
                           "server.py once to create %s); message %s not delivered", config.EXCHANGE,
                           config.ROUTING_KEY, config.QUEUE, message_id)
             elif not acked:
-                self.refused += 1
-                LOG.error("RabbitMQ refused message %s (nack)", message_id)
+                self._nacked.append(message)
             else:
                 self.confirmed += 1
                 self._delay = 1.0  # a healthy connection resets the backoff
+                self._nacked_since = None
+                self._nack_delay = NACK_RETRY_SECONDS
                 LOG.log(self.confirm_log_level, "confirmed status=%d message_id=%s", status, message_id)
+        if self._nacked and not self._retry_scheduled:
+            if self._nacked_since is None:
+                self._nacked_since = time.monotonic()
+                LOG.warning("RabbitMQ refused messages for now (nack: on a cluster, a queue electing a new "
+                            "leader); republishing them")
+            self._retry_scheduled = True
+            self._connection.ioloop.call_later(self._nack_delay, self._republish_nacked)
+            self._nack_delay = min(self._nack_delay * 2, NACK_RETRY_MOST_SECONDS)
         if self.progress:
             self.progress.update(self)
         self._publish_more()
+
+    def _republish_nacked(self):
+        self._retry_scheduled = False
+        if self._nacked_since is not None and time.monotonic() - self._nacked_since > self._give_up_seconds:
+            LOG.error("RabbitMQ has refused every message (nack) for %ds: %d messages refused",
+                      self._give_up_seconds, len(self._nacked))
+            self.refused += len(self._nacked)
+            self._remaining = 0
+            self._nacked.clear()
+            self._publish_more()
+        elif self._connection.is_open:
+            LOG.info("republishing %d nacked messages on a new connection", len(self._nacked))
+            self._down_since = time.monotonic()  # a reconnection asked for, not an outage to report
+            self._connection.close()  # _went_down() hands them to the next connection
 
     def _close_when_finished(self):
         if self._finished() and self._connection.is_open:
@@ -388,7 +429,7 @@ class MqttPublisher:
     def run(self):
         for host, port in config.MQTT_HOSTS:  # the first that answers
             try:
-                self._client.connect(host, port, keepalive=30)
+                self._client.connect(host, port, keepalive=KEEPALIVE_SECONDS)
                 break
             except OSError as error:
                 LOG.error("cannot connect to MQTT at %s:%d: %s", host, port, error)
@@ -473,15 +514,17 @@ class MqttPublisher:
                 LOG.warning("MQTT connection to %s:%d lost (%s); %d messages in flight will be resent",
                             client.host, client.port, reason_code, len(self._in_flight))
             self._down_since = self._down_since or time.monotonic()
-            self._next_node(client)
 
     def _next_node(self, client, userdata=None):
-        """paho reconnects to client.host: with several MQTT_HOST, the next one (paho's thread, the
-        connection closed, which is when paho lets them change)."""
+        """paho reconnects to client.host: after a failed attempt, with several MQTT_HOST, the next one.
+        connect_async() is paho's way to change it between attempts (its host setter refuses to while
+        it is reconnecting); the messages in flight are resent as after any reconnection."""
         if len(config.MQTT_HOSTS) > 1:
-            index = config.MQTT_HOSTS.index((client.host, client.port)) if (client.host, client.port) in config.MQTT_HOSTS else -1
-            client.host, client.port = config.MQTT_HOSTS[(index + 1) % len(config.MQTT_HOSTS)]
-            LOG.debug("next MQTT attempt: %s:%d", client.host, client.port)
+            here = (client.host, client.port)
+            index = config.MQTT_HOSTS.index(here) if here in config.MQTT_HOSTS else -1
+            host, port = config.MQTT_HOSTS[(index + 1) % len(config.MQTT_HOSTS)]
+            LOG.debug("cannot connect to MQTT at %s:%d; trying %s:%d", *here, host, port)
+            client.connect_async(host, port, keepalive=KEEPALIVE_SECONDS)
 
     def _track(self, mid, message):
         # The PUBACK can arrive (on paho's thread) before publish() has returned the mid.

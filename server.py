@@ -105,8 +105,9 @@ class ConsumerCancelled(Exception):
     """RabbitMQ cancelled the consumer (consumer_cancel_notify): its queue was deleted, or moved."""
 
 
-class TopologyMissing(Exception):
-    """A dead letter came back unroutable: DEAD_LETTER_QUEUE or its binding is gone."""
+class DeadLetterNotTaken(Exception):
+    """RabbitMQ did not take a dead letter: returned (DEAD_LETTER_QUEUE or its binding is gone) or
+    nacked (on a cluster, the queue without a leader for a moment). The connection is opened again."""
 
 
 class Metrics:
@@ -238,7 +239,7 @@ class StatusServer:
                                 else f"cannot connect to RabbitMQ ({error!r})")
             except ConsumerCancelled:
                 self._went_down(f"RabbitMQ cancelled the consumer of {config.QUEUE} (its queue deleted?)")
-            except TopologyMissing as error:
+            except DeadLetterNotTaken as error:
                 self._went_down(str(error))
             except ChannelClosedByBroker as error:
                 if error.reply_code == INTERNAL_ERROR:
@@ -554,8 +555,11 @@ class StatusServer:
         try:  # mandatory: a dead-letter queue that went missing returns it, where it would be dropped
             self._channel.basic_publish(DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, body, properties, mandatory=True)
         except pika.exceptions.UnroutableError:
-            raise TopologyMissing(f"no queue is bound to {DEAD_LETTER_EXCHANGE}: the messages in hand go back to "
-                                  f"the queue, and the topology is checked again") from None
+            raise DeadLetterNotTaken(f"no queue is bound to {DEAD_LETTER_EXCHANGE}: the messages in hand go back "
+                                     f"to the queue, and the topology is checked again") from None
+        except pika.exceptions.NackError:
+            raise DeadLetterNotTaken(f"RabbitMQ refused a dead letter for now (nack: {DEAD_LETTER_QUEUE} without a "
+                                     f"leader?): the messages in hand go back to the queue") from None
         self._channel.basic_ack(method.delivery_tag)
         self._dead += 1
         self._metrics.dead_lettered.labels(kind).inc()
