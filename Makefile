@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench soak screenshot browser services services-down venv clean
+.PHONY: demo test test-cluster bench soak screenshot browser services services-down venv clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ test: venv services browser
 	REQUIRE_TLS=1 scripts/services up
 	REQUIRE_TLS=1 $(PY) -m pytest tests/test_tls.py tests/test_access.py tests/test_pipeline.py; \
 	  status=$$?; scripts/services up; exit $$status
+
+# The fault tests of tests/test_cluster.py on the three local nodes of `scripts/services cluster`,
+# which are stopped afterwards (a partition test makes a cluster of its own in network namespaces).
+test-cluster: venv services
+	scripts/services cluster up
+	$(PY) -m pytest -m cluster; status=$$?; scripts/services cluster down; exit $$status
 
 # The ingest benchmark's Telegraf column builds Telegraf once (scripts/telegraf-build, minutes).
 bench: venv services

@@ -36,8 +36,9 @@ STARTUP_SECONDS = 120
 
 
 class ManagementAPI:
-    def __init__(self, url, user, password):
+    def __init__(self, url, user, password, timeout=30):
         self.url = url.rstrip("/")
+        self._timeout = timeout  # seconds, per call
         self._authorization = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
     def call(self, method, path, body=None):
@@ -46,7 +47,7 @@ class ManagementAPI:
                                          data=None if body is None else json.dumps(body).encode(),
                                          headers={"Authorization": self._authorization,
                                                   "Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as answer:
+        with urllib.request.urlopen(request, timeout=self._timeout) as answer:
             data = answer.read()
         return json.loads(data) if data else None
 

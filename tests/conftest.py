@@ -117,8 +117,9 @@ def mongo():
 
 
 def connect(amqp_url):
+    """A connection to the first node of `amqp_url` (several, comma-separated, on a cluster) that answers."""
     try:
-        return pika.BlockingConnection(pika.URLParameters(amqp_url))
+        return pika.BlockingConnection(config.amqp_parameters(amqp_url))
     except pika.exceptions.AMQPError as error:
         pytest.fail(f"RabbitMQ unreachable at {amqp_url} ({error!r}); run scripts/services up")
 
@@ -131,8 +132,10 @@ def amqp_connection():
 class Pipeline:
     """One isolated pipeline: names, processes, and the real services behind them."""
 
-    def __init__(self, mongo, amqp_connection, tmp_path, exchange=None, amqp_url=RABBITMQ_URL, env=None):
+    def __init__(self, mongo, amqp_connection, tmp_path, exchange=None, amqp_url=RABBITMQ_URL, env=None,
+                 management=management):
         suffix = uuid.uuid4().hex[:10]
+        self.management = management  # the broker's API: a cluster's, for tests/cluster.py
         self.shared_exchange = exchange is not None
         self.amqp_url = amqp_url
         self.env = dict(os.environ, **(env or {}), RABBITMQ_URL=amqp_url, MONGO_URI=MONGO_URI,
@@ -147,12 +150,12 @@ class Pipeline:
         self.unroutable_queue = self.queue + ".unroutable"
         # The settings rabbitmq/definitions.json gives status_exchange and status_queue, for this
         # pipeline's names: an exchange of its own gets its own alternate exchange.
-        self.vhost = urllib.parse.unquote(urllib.parse.urlsplit(amqp_url).path[1:]) or "/"
+        self.vhost = urllib.parse.unquote(urllib.parse.urlsplit(amqp_url.split(",")[0]).path[1:]) or "/"
         self.policy = f"test-{suffix}"
         names = [re.escape(self.queue), re.escape(self.unroutable_queue)]
         if not self.shared_exchange:
             names.append(re.escape(self.exchange))
-        management("PUT", f"/policies/{quoted(self.vhost)}/{self.policy}", {
+        self.management("PUT", f"/policies/{quoted(self.vhost)}/{self.policy}", {
             "pattern": f"^({'|'.join(names)})$", "apply-to": "all", "priority": 1,
             "definition": {"alternate-exchange": self.exchange + ".unroutable",
                            "dead-letter-routing-key": self.dead_letter_queue}})
@@ -218,14 +221,14 @@ class Pipeline:
     def connection(self):
         """A live connection, opened again after a broker restart."""
         if not self._connection.is_open:
-            self._connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+            self._connection = connect(self.amqp_url)
         return self._connection
 
     def channel(self):
         try:
             return self.connection.channel()
         except pika.exceptions.AMQPError:
-            self._connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+            self._connection = connect(self.amqp_url)
             return self._connection.channel()
 
     def publish(self, body, properties=None, routing_key=None):
@@ -282,7 +285,7 @@ class Pipeline:
                 channel.exchange_delete(self.exchange)
                 channel.exchange_delete(self.exchange + ".unroutable")
             self.connection.close()
-        management("DELETE", f"/policies/{quoted(self.vhost)}/{self.policy}")
+        self.management("DELETE", f"/policies/{quoted(self.vhost)}/{self.policy}")
         self.database.client.drop_database(self.database.name)
 
 
