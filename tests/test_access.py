@@ -76,23 +76,26 @@ def test_the_pipeline_user_cannot_publish_as_a_device(routing_key):
     lambda channel: channel.queue_bind("status_queue", "status_queue.dlx"),
     lambda channel: channel.queue_bind("status_queue", "status_exchange", "x.#"),
     lambda channel: channel.exchange_delete("status_exchange"),
-    lambda channel: channel.queue_delete("status_queue.dead"),
+    lambda channel: channel.queue_delete("status_queue"),
 ], ids=["declare a queue", "declare its queue", "declare an exchange", "bind to its dead-letter exchange",
-        "bind another key", "delete the exchange", "delete its dead-letter queue"])
+        "bind another key", "delete the exchange", "delete its queue"])
 def test_the_pipeline_user_can_neither_declare_bind_nor_delete(action):
     code, text = refused(user_url("pipeline"), action)
     assert code == 403, text
 
 
 def test_the_shipped_queues_have_the_arguments_server_py_gives_its_own():
-    """rabbitmq/definitions.json declares status_queue and status_queue.unroutable, which server.py
-    declares for a QUEUE of your own: the same queue type, delivery limit and dead-letter exchange."""
-    from server import DEAD_LETTER_EXCHANGE, DELIVERY_LIMIT
+    """rabbitmq/definitions.json declares the queues that server.py declares for a QUEUE of your own:
+    the same queue type, group size on a cluster, delivery limit and dead-letter exchange."""
+    from server import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE_ARGUMENTS, DELIVERY_LIMIT, QUEUE_ARGUMENTS
 
     definitions = apply_definitions.json.loads(apply_definitions.DEFINITIONS.read_text())
-    arguments = {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT, "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
     queues = {queue["name"]: queue["arguments"] for queue in definitions["queues"]}
-    assert queues == {"status_queue": arguments, "status_queue.unroutable": arguments, "status_queue.dead": {}}
+    assert queues == {"status_queue": QUEUE_ARGUMENTS, "status_queue.unroutable": QUEUE_ARGUMENTS,
+                      "status_queue.dead": DEAD_LETTER_QUEUE_ARGUMENTS}
+    assert QUEUE_ARGUMENTS == {"x-queue-type": "quorum", "x-quorum-initial-group-size": 3,
+                               "x-delivery-limit": DELIVERY_LIMIT, "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
+    assert DEAD_LETTER_QUEUE_ARGUMENTS == {"x-queue-type": "quorum", "x-quorum-initial-group-size": 3}
 
 
 @pytest.mark.parametrize("user", ["publisher", "pipeline", "admin", "guest"])
@@ -278,3 +281,47 @@ def test_up_deletes_a_binding_into_the_pipelines_queues_that_the_definitions_do_
     bindings = {(binding["source"], binding["destination"]) for binding in management("GET", "/bindings/%2F")}
     assert ("status_queue.dlx", "status_queue") not in bindings
     assert {("status_exchange", "status_queue"), ("status_queue.dlx", "status_queue.dead")} <= bindings
+
+
+# -- the classic dead-letter queue of versions before clusters ------------------------------
+
+def classic_dead_letter_queue(pipeline, messages):
+    """status_queue.dead as versions before clusters declared it, a classic queue bound to the
+    dead-letter exchange, holding `messages` dead letters."""
+    channel = pipeline.channel()
+    channel.queue_delete("status_queue.dead")
+    channel.queue_declare("status_queue.dead", durable=True)
+    channel.queue_bind("status_queue.dead", "status_queue.dlx")
+    for number in range(messages):
+        channel.basic_publish("status_queue.dlx", "", f"an old dead letter {number}".encode())
+    channel.close()
+
+
+def queue_type(pipeline, name):
+    return management("GET", f"/queues/{quoted(pipeline.vhost)}/{quoted(name)}")["type"]
+
+
+def test_an_empty_classic_dead_letter_queue_is_replaced_by_a_quorum_queue(secured):
+    pipeline, _, _ = secured
+    classic_dead_letter_queue(pipeline, messages=0)
+    server = pipeline.start_server()  # as the user pipeline
+    assert "replaced the empty classic queue status_queue.dead" in pipeline.log(server)
+    assert queue_type(pipeline, "status_queue.dead") == "quorum"
+    pipeline.publish(b"not JSON")
+    (properties, body), = pipeline.dead_letters(1)  # bound again: a dead letter reaches it
+    assert body == b"not JSON" and "not JSON" in properties.headers["x-rejected-reason"]
+    pipeline.stop(server)
+    assert "classic" not in pipeline.log(pipeline.start_server())  # nothing more to say
+
+
+def test_a_classic_dead_letter_queue_holding_messages_is_kept_and_the_log_says_how_to_move(secured):
+    pipeline, _, _ = secured
+    classic_dead_letter_queue(pipeline, messages=2)
+    server = pipeline.start_server()
+    log = pipeline.log(server)
+    assert "status_queue.dead is a classic queue of an earlier version, holding 2 messages" in log, log
+    assert "rabbitmqctl delete_queue status_queue.dead" in log
+    assert queue_type(pipeline, "status_queue.dead") == "classic"
+    pipeline.publish(b"not JSON")
+    bodies = sorted(body for _, body in pipeline.dead_letters(3))
+    assert bodies == [b"an old dead letter 0", b"an old dead letter 1", b"not JSON"]
