@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-cluster bench soak screenshot browser services services-down venv clean
+.PHONY: demo test test-cluster bench bench-cluster soak screenshot browser services services-down venv clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,12 @@ bench: venv services
 	$(PY) bench/query.py
 	$(PY) bench/live.py
 	$(PY) bench/fold.py
+
+# On the three local nodes of `scripts/services cluster`: server.py's drain rate against one node's,
+# and the time from kill -9 of the queue leader's node until messages are stored again.
+bench-cluster: venv services
+	scripts/services cluster up
+	$(PY) bench/cluster.py
 
 # 30 minutes of ingest at 1,000 msg/s, queries and a kill -9 of a server process every 3 minutes.
 soak: venv services
