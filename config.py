@@ -232,6 +232,8 @@ def _amqp_urls(name):
     if not value:
         return None
     urls = [url.strip() for url in value.split(",")]
+    if not all(urls):
+        _fail(name, redact(value), "one URL, or several separated by commas, none of them empty")
     for url in urls:
         os.environ[name] = url  # each checked, and shown in an error, alone
         try:

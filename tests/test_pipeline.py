@@ -140,6 +140,11 @@ def test_sigterm_stops_the_server_cleanly(pipeline):
     ("API_PORT", "70000"),
     ("API_PORT", "²"),  # a digit to str.isdigit, not to int()
     ("RABBITMQ_URL", "localhost:5672"),
+    ("RABBITMQ_URL", "amqp://a:b@node1:5672/,amqp://a:b@node2:port/"),  # one bad node of several
+    ("RABBITMQ_URL", "amqp://a:b@node1:5672/,"),  # an empty one
+    ("MQTT_HOST", "node1:1883,node2:"),
+    ("MQTT_HOST", "node1:1883,node2:70000"),
+    ("MQTT_HOST", "node1 node2"),
     ("MONGO_URI", "localhost:27017"),
     ("MONGO_URI", "mongodb://localhost:port/"),
     ("QUEUE", ""),
@@ -195,3 +200,24 @@ def test_api_on_a_taken_port_stops_with_one_line(pipeline):
         assert api.wait(30) == 1
     log = pipeline.log(api)
     assert "cannot serve on 127.0.0.1" in log and "API_PORT" in log and "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("value, nodes", [
+    ("localhost", [("localhost", 1883)]),
+    ("node1:1884, node2,node3:1886", [("node1", 1884), ("node2", 1883), ("node3", 1886)]),
+    ("[::1]:1884,::1,[fe80::1]", [("::1", 1884), ("::1", 1883), ("fe80::1", 1883)]),
+])
+def test_mqtt_host_lists_the_nodes_of_a_cluster(value, nodes):
+    code = "import config; print(config.MQTT_HOSTS, config.MQTT_HOST, config.MQTT_PORT)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                            env={"PATH": "/usr/bin:/bin", "MQTT_HOST": value, "MQTT_TLS_CA": "", "TLS_CA_FILE": ""})
+    assert result.stdout.split() and result.stdout.strip() == f"{nodes} {nodes[0][0]} {nodes[0][1]}", result.stderr
+
+
+def test_rabbitmq_url_lists_the_nodes_of_a_cluster():
+    code = ("import config; print([config.node_name(parameters) for parameters in "
+            "config.amqp_parameters(config.rabbitmq_url('pipeline'))])")
+    urls = "amqp://a:b@node1:5681/%2F, amqp://a:b@node2:5682/%2F,amqps://a:b%2Cc@node3/%2F"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                            env={"PATH": "/usr/bin:/bin", "RABBITMQ_URL": urls})
+    assert result.stdout.strip() == "['node1:5681', 'node2:5682', 'node3:5671']", result.stderr
