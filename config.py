@@ -10,6 +10,7 @@ one line naming the variable, before any connection is tried.
 
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
@@ -85,7 +86,7 @@ def _url(name, default, schemes, check=None):
         parts = urlsplit(value)
         if parts.scheme not in schemes or not parts.hostname:
             _fail(name, shown, f"a URL of the form {schemes[0]}://host[:port]/...")
-        if "," not in parts.netloc:  # several hosts (a MongoDB replica set): `check` reads their ports
+        if "," not in parts.netloc or "mongodb" not in schemes:  # a replica set's hosts: `check` reads their ports
             parts.port
     except ValueError:
         hint = (" (in a password, write / ? # @ : as %2F %3F %23 %40 %3A: urllib.parse.quote(password, safe=''))"
@@ -225,15 +226,20 @@ def _over_tls(name, value, uses_tls):
     return value
 
 
+def _split_urls(value):
+    return [url.strip() for url in re.split(r",\s*(?=amqps?://)", value.strip())]
+
+
 def _amqp_urls(name):
-    """The URLs of `name`, comma-separated: the nodes of a cluster, tried in turn (a comma inside
-    one, in a password say, is written %2C). Unset: None."""
+    """The URLs of `name`, separated by commas: the nodes of a cluster, tried in turn. A comma starts
+    a new URL only before amqp:// or amqps://, so one inside a URL (pika's ssl_options written out,
+    a password) stays in it. Unset: None."""
     value = os.environ.get(name)
     if not value:
         return None
-    urls = [url.strip() for url in value.split(",")]
+    urls = _split_urls(value)
     if not all(urls):
-        _fail(name, redact(value), "one URL, or several separated by commas, none of them empty")
+        _fail(name, ",".join(redact(url) for url in urls), "one URL, or several separated by commas, none of them empty")
     for url in urls:
         os.environ[name] = url  # each checked, and shown in an error, alone
         try:
@@ -291,6 +297,8 @@ def _host_ports(name, default, port):
         host, colon, number = item.rpartition(":") if not item.endswith("]") else ("", "", "")
         if not colon or ":" in host and not host.startswith("["):  # no port, or a bare IPv6 address
             host, number = item, str(port)
+        if host.startswith("[") != host.endswith("]"):
+            host = ""  # an IPv6 address opened and never closed
         host = host.removeprefix("[").removesuffix("]")
         if (not host or " " in host or not host.isprintable() or not (number.isascii() and number.isdigit())
                 or not 1 <= int(number) <= 65535):
@@ -328,12 +336,13 @@ def amqp_parameters(urls):
     """pika.URLParameters for each of `urls`, comma-separated (rabbitmq_url()'s): the nodes to try in turn."""
     import pika
 
-    return [pika.URLParameters(url) for url in urls.split(",")]
+    return [pika.URLParameters(url) for url in _split_urls(urls)]
 
 
 def node_name(parameters):
-    """host:port of a pika.ConnectionParameters, as logs show a node."""
-    return f"{parameters.host}:{parameters.port}"
+    """host:port of a pika.ConnectionParameters, as logs show a node ([v6]:port for an IPv6 address)."""
+    host = f"[{parameters.host}]" if ":" in parameters.host else parameters.host
+    return f"{host}:{parameters.port}"
 
 
 def local_amqp_url(user, password, vhost="/"):

@@ -141,7 +141,7 @@ def test_sigterm_stops_the_server_cleanly(pipeline):
     ("API_PORT", "²"),  # a digit to str.isdigit, not to int()
     ("RABBITMQ_URL", "localhost:5672"),
     ("RABBITMQ_URL", "amqp://a:b@node1:5672/,amqp://a:b@node2:port/"),  # one bad node of several
-    ("RABBITMQ_URL", "amqp://a:b@node1:5672/,"),  # an empty one
+    ("RABBITMQ_URL", ",amqp://a:b@node1:5672/"),  # an empty one
     ("MQTT_HOST", "node1:1883,node2:"),
     ("MQTT_HOST", "node1:1883,node2:70000"),
     ("MQTT_HOST", "node1 node2"),
@@ -217,7 +217,7 @@ def test_mqtt_host_lists_the_nodes_of_a_cluster(value, nodes):
 def test_rabbitmq_url_lists_the_nodes_of_a_cluster():
     code = ("import config; print([config.node_name(parameters) for parameters in "
             "config.amqp_parameters(config.rabbitmq_url('pipeline'))])")
-    urls = "amqp://a:b@node1:5681/%2F, amqp://a:b@node2:5682/%2F,amqps://a:b%2Cc@node3/%2F"
+    urls = "amqp://a:b@node1:5681/%2F, amqp://a:b@node2:5682/%2F,amqps://a:b,c@node3/%2F?heartbeat=5,amqp://[::1]:5683/"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30,
                             env={"PATH": "/usr/bin:/bin", "RABBITMQ_URL": urls})
-    assert result.stdout.strip() == "['node1:5681', 'node2:5682', 'node3:5671']", result.stderr
+    assert result.stdout.strip() == "['node1:5681', 'node2:5682', 'node3:5671', '[::1]:5683']", result.stderr
