@@ -125,7 +125,7 @@ class AmqpPublisher:
             parameters.heartbeat = config.RABBITMQ_HEARTBEAT_SECONDS
             parameters.blocked_connection_timeout = 60
         self._node = 0  # index of the node connected to, or tried next
-        self._attempts = 0  # connections tried since the last one that opened
+        self._attempts = 0  # connections tried since the last confirm (a node that opens and closes at once gets none)
         self._remaining = count  # None: until stopped
         self._interval = interval
         self._window = window
@@ -169,7 +169,7 @@ class AmqpPublisher:
                           self._give_up_seconds, self.unconfirmed)
                 return
             # The next node at once; a pause only once every node has been tried since the last
-            # connection that opened (with one node, before each attempt).
+            # confirm (with one node, before each attempt).
             self._attempts += 1
             self._node = (self._node + 1) % len(self._nodes)
             if self._attempts % len(self._nodes):
@@ -207,7 +207,10 @@ class AmqpPublisher:
     def _on_connection_open_error(self, connection, error):
         certificate_error = next((attempt.exception for attempt in getattr(error, "exceptions", ())
                                   if isinstance(getattr(attempt, "exception", None), ssl.SSLCertVerificationError)), None)
-        if isinstance(error, (ProbableAuthenticationError, ProbableAccessDeniedError)):
+        # pika says "probably" of any connection closed while it opens, a node going down included:
+        # only the broker's refusals (403 ACCESS_REFUSED, a vhost not found or not allowed) are for good.
+        if isinstance(error, (ProbableAuthenticationError, ProbableAccessDeniedError)) and any(
+                refusal in str(error) for refusal in ("ACCESS_REFUSED", "not found", "refused for user")):
             LOG.error("RabbitMQ refused the credentials in RABBITMQ_URL: %s", error)
             self.connection_refused = True  # retrying cannot help: stop, and exit 1
         elif certificate_error:
@@ -245,7 +248,6 @@ class AmqpPublisher:
                                                                              callback=self._on_confirm_mode))
 
     def _on_confirm_mode(self, _):
-        self._attempts = 0
         node = config.node_name(self._nodes[self._node])
         if self._down_since is not None:
             LOG.info("connected to RabbitMQ at %s again after %.1fs", node, time.monotonic() - self._down_since)
@@ -283,7 +285,9 @@ class AmqpPublisher:
             self._scheduled = False
         if self._channel is None or not self._channel.is_open:
             return
-        while len(self._unconfirmed) < self._window:
+        # Nacked messages waiting to be published again hold their place: a channel that nacks
+        # everything must not be fed the whole stream meanwhile.
+        while len(self._unconfirmed) + len(self._nacked) < self._window:
             if self._to_resend:
                 message = self._to_resend.popleft()
             elif self._remaining != 0 and not self._stopping and time.monotonic() >= self._next_due:
@@ -300,7 +304,7 @@ class AmqpPublisher:
             self._publish(message)
         # A full window waits for confirms (which call this again), not for a timer.
         if (self._interval > 0 and self._remaining != 0 and not self._stopping and not self._scheduled
-                and len(self._unconfirmed) < self._window):
+                and len(self._unconfirmed) + len(self._nacked) < self._window):
             self._scheduled = True
             self._connection.ioloop.call_later(max(0.0, self._next_due - time.monotonic()),
                                                lambda: self._publish_more(from_timer=True))
@@ -338,6 +342,7 @@ class AmqpPublisher:
             else:
                 self.confirmed += 1
                 self._delay = 1.0  # a healthy connection resets the backoff
+                self._attempts = 0
                 self._nacked_since = None
                 self._nack_delay = NACK_RETRY_SECONDS
                 LOG.log(self.confirm_log_level, "confirmed status=%d message_id=%s", status, message_id)

@@ -63,7 +63,7 @@ DELIVERY_LIMIT = 20
 # On a cluster every queue of this server is a quorum queue with a member on three nodes (on fewer,
 # one on each): a message survives the loss of any one node, and the queue stays available while
 # a majority of its members runs. The dead-letter queue too, since its messages are the ones that
-# need a person: an earlier version's classic one is moved over (_migrate_dead_letter_queue).
+# need a person: an earlier version's classic one is moved over (_migrate_classic_dead_letter_queue).
 QUORUM_GROUP_SIZE = 3
 QUEUE_ARGUMENTS = {
     "x-queue-type": "quorum",
@@ -188,6 +188,7 @@ class StatusServer:
         self._connection = None
         self._channel = None
         self._cancelled_by_broker = False
+        self._told_of_classic_queue = False
         self._batch = []  # [(method, properties, body, document)] not yet handed to the writers
         self._batch_started = 0.0
         # Delivery tags belong to one connection: a batch written after its connection was
@@ -321,6 +322,8 @@ class StatusServer:
         try:
             self._connection = pika.BlockingConnection(parameters)
         except ProbableAuthenticationError as error:
+            if "ACCESS_REFUSED" not in str(error):  # a node that went down while the connection opened
+                raise
             LOG.error("RabbitMQ refused the credentials in RABBITMQ_URL: %s", error)
             raise SystemExit(1) from None
         except ProbableAccessDeniedError as error:
@@ -335,9 +338,8 @@ class StatusServer:
         self._channel = self._connection.channel()
         self._cancelled_by_broker = False
         self._channel.add_on_cancel_callback(self._on_cancelled_by_broker)
-        self._declare_topology(self._channel)
-        if self._fold:  # one process of a server.py, not each of its children at once
-            self._migrate_dead_letter_queue(self._connection)
+        if self._declare_topology(self._channel) and self._fold:  # one process of a server.py, not each child
+            self._migrate_classic_dead_letter_queue(self._connection)
         self._channel.confirm_delivery()  # dead-letter publishes are confirmed before the ack
         self._channel.basic_qos(prefetch_count=1 if self._one_at_a_time else PREFETCH)
         self._metrics.rabbitmq_up.set(1)
@@ -358,32 +360,42 @@ class StatusServer:
         (passive declares) when they all exist, and declared when one is missing (a QUEUE of your
         own), which needs a user allowed to; the bindings are made again by a user who may (a
         ROUTING_KEY of your own, or one lost), and left to the definitions by one who may not.
-        EXCHANGE is always only checked; its alternate exchange comes from a policy."""
+        EXCHANGE is always only checked; its alternate exchange comes from a policy. Returns
+        whether DEAD_LETTER_QUEUE is the classic queue of an earlier version."""
         channel.exchange_declare(config.EXCHANGE, passive=True)
         if not StatusServer._topology_exists(channel.connection):
             channel.exchange_declare(DEAD_LETTER_EXCHANGE, exchange_type="fanout", durable=True)
-            channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
             channel.queue_declare(config.QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)
             channel.exchange_declare(UNROUTABLE_EXCHANGE, exchange_type="fanout", durable=True)
             channel.queue_declare(UNROUTABLE_QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)
+        classic = StatusServer._declare_dead_letter_queue(channel.connection)
         StatusServer._bind(channel.connection)
+        return classic
 
     @staticmethod
-    def _migrate_dead_letter_queue(connection):
-        """Versions before clusters kept DEAD_LETTER_QUEUE as a classic queue, on one node only. An empty
-        one is replaced by the quorum queue (deleted only if still empty, then declared and bound);
-        one that holds messages is kept and used, and the log says how to move them. The user
-        `pipeline` may declare and bind this queue alone; one who may not is left as it is."""
+    def _declare_dead_letter_queue(connection):
+        """Declares DEAD_LETTER_QUEUE, on a channel of its own: the user `pipeline` may, this queue alone,
+        so one deleted halfway through a migration comes back. True when it is an earlier version's
+        classic queue, whose type RabbitMQ refuses to change (406 "inequivalent arg 'x-queue-type'");
+        a user of an earlier version's permissions (403) leaves it to the definitions."""
         channel = connection.channel()
         try:
             channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
-            channel.close()
-            return  # a quorum queue already
         except ChannelClosedByBroker as error:
-            # 406 "inequivalent arg 'x-queue-type' ... received 'quorum' but current is 'classic'"
-            if error.reply_code != 406 or "x-queue-type" not in error.reply_text:
-                LOG.debug("not checking the type of %s: %s", DEAD_LETTER_QUEUE, error)
-                return
+            if error.reply_code == 406 and "x-queue-type" in error.reply_text:
+                return True
+            if error.reply_code != 403:
+                raise
+            return False
+        channel.close()
+        return False
+
+    def _migrate_classic_dead_letter_queue(self, connection):
+        """Versions before clusters kept DEAD_LETTER_QUEUE as a classic queue, on one node only. An empty
+        one is replaced by the quorum queue (deleted only if still empty, then declared and bound);
+        one that holds messages is kept and used, and the log says once how to move them. The user
+        `pipeline` may configure this queue alone, which also lets it delete one that holds messages:
+        `if_empty` is this server's own care."""
         channel = connection.channel()
         try:
             waiting = channel.queue_declare(DEAD_LETTER_QUEUE, passive=True).method.message_count
@@ -400,6 +412,9 @@ class StatusServer:
             LOG.debug("migrating %s: %s", DEAD_LETTER_QUEUE, error)
         else:
             channel.close()
+        if self._told_of_classic_queue:
+            return
+        self._told_of_classic_queue = True
         LOG.warning("%s is a classic queue of an earlier version, holding %s messages: on a cluster they live on "
                     "one node only. To move to the quorum queue this version declares, read or move them (the "
                     "management UI's Move messages, or a shovel), delete the queue (rabbitmqctl delete_queue %s) "
@@ -430,7 +445,7 @@ class StatusServer:
         try:
             for exchange in (DEAD_LETTER_EXCHANGE, UNROUTABLE_EXCHANGE):
                 channel.exchange_declare(exchange, passive=True)
-            for name in (DEAD_LETTER_QUEUE, config.QUEUE, UNROUTABLE_QUEUE):
+            for name in (config.QUEUE, UNROUTABLE_QUEUE):  # DEAD_LETTER_QUEUE: _declare_dead_letter_queue
                 channel.queue_declare(name, passive=True)
         except ChannelClosedByBroker as error:
             if error.reply_code != 404:
