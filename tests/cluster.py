@@ -185,7 +185,11 @@ class Namespaces:
 
     def __exit__(self, *_):
         for name in self.names:
-            subprocess.run(["ip", "netns", "pids", name], capture_output=True)
+            # What runs there is the test's own (a node's epmd outlives the node): it would keep the namespace.
+            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
 
