@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 
+import pytest
 import yaml
 
 from conftest import ROOT
@@ -14,14 +15,18 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 EXAMPLE = (ROOT / ".env.example").read_text()
 
 
-def test_every_file_it_mounts_is_in_the_repository_or_what_scripts_services_tls_makes():
-    for name, service in COMPOSE["services"].items():
+@pytest.mark.parametrize("file", ["docker-compose.yml", "docker-compose.cluster.yml"])
+def test_every_file_it_mounts_is_in_the_repository_or_what_scripts_services_tls_makes(file):
+    compose = yaml.safe_load((ROOT / file).read_text())
+    for name, service in compose["services"].items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
             if source == "./.data/tls":
                 assert {"ca.pem", "server.pem", "server.key"} <= {path.name for path in (ROOT / ".data/tls").iterdir()}
             elif source.startswith("./"):
                 assert (ROOT / source).exists(), f"{name} mounts {source}"
+            else:
+                assert source in compose["volumes"], f"{name} mounts the undeclared volume {source}"
 
 
 def test_its_brokers_show_the_tls_ports_the_programs_use_by_default():

@@ -1,5 +1,6 @@
 """docker-compose.cluster.yml cannot run here (no Docker engine): what can be checked without it is
-that it agrees with itself and with the repository: the files it mounts exist, its images are
+that it agrees with itself and with the repository (tests/test_compose.py checks that the files it
+mounts exist, as for docker-compose.yml): its images are
 official ones of a pinned major version, every password it asks for is one that `make .env` fills,
 the RabbitMQ nodes that peer discovery lists are its RabbitMQ services, the replica set it initiates
 is its MongoDB services on the ports they publish, and the settings its header gives the programs
@@ -58,18 +59,6 @@ def replica_set_script():
 def test_three_rabbitmq_nodes_and_three_mongodb_members():
     assert RABBITMQ == ["rabbitmq1", "rabbitmq2", "rabbitmq3"]
     assert MONGO == ["mongo1", "mongo2", "mongo3"]
-
-
-def test_every_file_it_mounts_is_in_the_repository_or_what_scripts_services_tls_makes():
-    for name, service in SERVICES.items():
-        for volume in service.get("volumes", []):
-            source = volume.split(":")[0]
-            if source == "./.data/tls":
-                assert {"ca.pem", "server.pem", "server.key"} <= {path.name for path in (ROOT / ".data/tls").iterdir()}
-            elif source.startswith("./"):
-                assert (ROOT / source).exists(), f"{name} mounts {source}"
-            else:
-                assert source in COMPOSE["volumes"], f"{name} mounts the undeclared volume {source}"
 
 
 @pytest.mark.parametrize("image", ["rabbitmq:3-management", "mongo:7", "python:3.12-alpine", "docker.io/library/mongo:7.0"])
