@@ -263,12 +263,13 @@ class AmqpPublisher:
     def _on_channel_closed(self, channel, reason):
         if isinstance(reason, ChannelClosedByBroker) and reason.reply_code == 403 and not self._finished():
             # A topic permission refuses this routing key: every message would be refused again.
-            refused = len(self._unconfirmed) + len(self._to_resend)
+            refused = self.unconfirmed
             LOG.error("RabbitMQ refused to publish to %s with key %s: %s; %d messages refused",
                       config.EXCHANGE, config.ROUTING_KEY, reason.reply_text, refused)
             self.refused += refused
             self._unconfirmed.clear()
             self._to_resend.clear()
+            self._nacked.clear()
             self._remaining = 0
         elif isinstance(reason, ChannelClosedByBroker) and reason.reply_code == 404 and self._down_since is None:
             LOG.warning("exchange %s does not exist (rabbitmq/definitions.json declares it: scripts/services up, "

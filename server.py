@@ -236,8 +236,9 @@ class StatusServer:
                 if getattr(error, "reply_code", None) == INTERNAL_ERROR:
                     self._delivery_failed(error)
                     continue  # the broker is up: at once, one message at a time
-                self._went_down(f"RabbitMQ connection lost ({error!r})" if self._ever_connected
-                                else f"cannot connect to RabbitMQ ({error!r})")
+                node = config.node_name(self._nodes[self._node])  # the last one tried
+                self._went_down(f"RabbitMQ connection lost at {node} ({error!r})" if self._ever_connected
+                                else f"cannot connect to RabbitMQ at {node} ({error!r})")
             except ConsumerCancelled:
                 self._went_down(f"RabbitMQ cancelled the consumer of {config.QUEUE} (its queue deleted?)")
             except DeadLetterNotTaken as error:
