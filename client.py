@@ -438,7 +438,9 @@ class MqttPublisher:
                 self._client.connect(host, port, keepalive=KEEPALIVE_SECONDS)
                 break
             except OSError as error:
-                LOG.error("cannot connect to MQTT at %s:%d: %s", host, port, error)
+                last = (host, port) == config.MQTT_HOSTS[-1]
+                LOG.log(logging.ERROR if last else logging.WARNING, "cannot connect to MQTT at %s:%d: %s%s",
+                        host, port, error, "" if last else "; trying the next node")
         else:
             self.refused = max(self._remaining or 0, 1)
             return
