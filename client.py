@@ -176,7 +176,9 @@ class AmqpPublisher:
                 continue
             delay = self._delay * random.uniform(0.5, 1.5)
             LOG.info("reconnecting in %.1fs", delay)
-            time.sleep(delay)
+            deadline = time.monotonic() + delay
+            while not self._stopping and time.monotonic() < deadline:  # Ctrl-C ends the wait
+                time.sleep(0.1)
             self._delay = min(self._delay * 2, 30.0)
 
     def stop(self, *_):

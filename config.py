@@ -241,6 +241,13 @@ def _amqp_urls(name):
     if not all(urls):
         _fail(name, ",".join(redact(url) for url in urls), "one URL, or several separated by commas, none of them empty")
     for url in urls:
+        try:
+            path = urlsplit(url).path
+        except ValueError:  # _url() below says what is wrong with it
+            path = ""
+        if "," in path or path.count("/") > 1:  # a URL without its scheme, or a stray comma, run into the vhost
+            _fail(name, ",".join(redact(url) for url in urls), "one URL, or several separated by commas, each "
+                  "starting with amqp:// or amqps:// and naming one vhost (a / or , in it written %2F, %2C)")
         os.environ[name] = url  # each checked, and shown in an error, alone
         try:
             _url(name, None, ("amqp", "amqps"), _amqp_url)
@@ -297,8 +304,8 @@ def _host_ports(name, default, port):
         host, colon, number = item.rpartition(":") if not item.endswith("]") else ("", "", "")
         if not colon or ":" in host and not host.startswith("["):  # no port, or a bare IPv6 address
             host, number = item, str(port)
-        if host.startswith("[") != host.endswith("]"):
-            host = ""  # an IPv6 address opened and never closed
+        if host.startswith("[") != host.endswith("]") or "/" in host:
+            host = ""  # an IPv6 address opened and never closed, or a URL (mqtt://host)
         host = host.removeprefix("[").removesuffix("]")
         if (not host or " " in host or not host.isprintable() or not (number.isascii() and number.isdigit())
                 or not 1 <= int(number) <= 65535):

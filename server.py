@@ -403,7 +403,7 @@ class StatusServer:
             if waiting == 0:
                 channel.queue_delete(DEAD_LETTER_QUEUE, if_empty=True)  # 406 if one arrived meanwhile
                 channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
-                channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
+                channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, routing_key="")
                 channel.close()
                 LOG.warning("replaced the empty classic queue %s of an earlier version by a quorum queue, "
                             "replicated on a cluster", DEAD_LETTER_QUEUE)
@@ -428,10 +428,12 @@ class StatusServer:
         bind (403) ends: the definitions have made them."""
         channel = connection.channel()
         try:
-            channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
+            # The fanout ones with the key "" as rabbitmq/definitions.json makes them (pika's default is
+            # the queue's name: a second binding, which apply_definitions.py would delete).
+            channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, routing_key="")
             channel.queue_bind(config.QUEUE, config.EXCHANGE, routing_key=config.ROUTING_KEY)
             channel.queue_bind(config.QUEUE, config.EXCHANGE, routing_key=DEVICE_ROUTING_KEY)
-            channel.queue_bind(UNROUTABLE_QUEUE, UNROUTABLE_EXCHANGE)
+            channel.queue_bind(UNROUTABLE_QUEUE, UNROUTABLE_EXCHANGE, routing_key="")
         except ChannelClosedByBroker as error:
             if error.reply_code != 403:
                 raise

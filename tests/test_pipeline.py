@@ -142,6 +142,8 @@ def test_sigterm_stops_the_server_cleanly(pipeline):
     ("RABBITMQ_URL", "localhost:5672"),
     ("RABBITMQ_URL", "amqp://a:b@node1:5672/,amqp://a:b@node2:port/"),  # one bad node of several
     ("RABBITMQ_URL", ",amqp://a:b@node1:5672/"),  # an empty one
+    ("RABBITMQ_URL", "amqp://a:b@node1:5672/%2F,"),  # a trailing comma
+    ("MQTT_HOST", "mqtt://node1:1883"),
     ("MQTT_HOST", "node1:1883,node2:"),
     ("MQTT_HOST", "node1:1883,node2:70000"),
     ("MQTT_HOST", "node1 node2"),

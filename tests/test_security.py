@@ -174,6 +174,7 @@ def test_redact_hides_the_password_and_every_option_that_may_hold_a_secret(url, 
     ("RABBITMQ_URL", f"amqp://pipeline:{SECRET}@[::1/"),
     ("RABBITMQ_URL", f"amqp://pipeline:pw@localhost/?ssl_options=%7B%27password%27%3A%27{SECRET}%27"),  # a SyntaxError
     ("RABBITMQ_URL", f"amqp://pipeline:{SECRET}@localhost/?ssl_options=1"),  # a TypeError
+    ("RABBITMQ_URL", f"amqp://pipeline:{SECRET}@localhost:5681/%2F,pipeline:{SECRET}@localhost:5682/%2F"),  # a scheme left out
     ("MONGO_URI", f"mongodb://pipeline:{SECRET}@localhost/?tls=perhaps"),  # pymongo refuses the option
     ("MONGO_URI", f"mongodb://pipeline:{SECRET}@x@localhost/"),  # an @ not escaped
     ("MONGO_URI", f"mongodb://pipeline:{SECRET}@h1:27017,h2:x/?replicaSet=rs"),
