@@ -74,11 +74,11 @@ def redact(url):
     return _redacted(url)[0]
 
 
-def _url(name, default, schemes, check=None):
+def _url(name, default, schemes, check=None, value=None):
     """A URL of one of `schemes` that `check(value)`, if given, accepts (it raises whatever its
-    library raises), or `default` when unset. Errors show the URL redacted, and the library's
-    message without what it hides."""
-    value = os.environ.get(name)
+    library raises), or `default` when unset. `value`: one of several that `name` holds, instead
+    of `name`'s own. Errors show the URL redacted, and the library's message without what it hides."""
+    value = os.environ.get(name) if value is None else value
     if not value:
         return default
     shown, hidden = _redacted(value)
@@ -248,12 +248,8 @@ def _amqp_urls(name):
         if "," in path or path.count("/") > 1:  # a URL without its scheme, or a stray comma, run into the vhost
             _fail(name, ",".join(redact(url) for url in urls), "one URL, or several separated by commas, each "
                   "starting with amqp:// or amqps:// and naming one vhost (a / or , in it written %2F, %2C)")
-        os.environ[name] = url  # each checked, and shown in an error, alone
-        try:
-            _url(name, None, ("amqp", "amqps"), _amqp_url)
-            _over_tls(name, url, url.startswith("amqps://"))
-        finally:
-            os.environ[name] = value
+        _url(name, None, ("amqp", "amqps"), _amqp_url, value=url)  # each checked, and shown in an error, alone
+        _over_tls(name, url, url.startswith("amqps://"))
     return ",".join(urls)
 
 
